@@ -1,0 +1,210 @@
+"""Learn permutations by gradient descent through the Sinkhorn operator.
+
+For every group ``g`` a logit matrix ``X_g`` is optimised so that the soft
+permutation ``P_g = Sinkhorn(X_g / τ)`` minimises a cost of ``θ_A`` and
+``π_P(θ_B)`` (see :mod:`avalanche_rebasin.costs`). The result is the hard
+permutation ``argmax_P Σ ⟨P, X⟩`` (linear assignment on the logits), which maps
+``model_b`` into ``model_a``'s basin.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ._checks import check_compatible, resolve_spec
+from .costs import CosineCost, Cost, L1Cost, L2Cost, LossFn, MidpointCost, RandomPointCost
+from .matching import weight_matching_state
+from .permute import model_state, permute, soft_permute_state
+from .sinkhorn import hard_permutation, marginal_error, permutation_matrix, sinkhorn
+from .spec import PermutationSpec
+
+__all__ = ["AlignResult", "PermutationLogits", "align"]
+
+CostName = Literal["l2", "l1", "cosine", "mid", "rnd"]
+Init = Literal["identity", "random", "weight_matching"]
+
+
+@dataclass
+class AlignResult:
+    """What :func:`align` found.
+
+    Attributes:
+        permutations: group → index tensor; ``permute(model_b, spec, permutations)``
+            lands in ``model_a``'s basin.
+        model: that permuted copy of ``model_b``.
+        logits: the learned logits per group.
+        history: cost after every optimisation step.
+        steps, seconds: optimisation steps taken and wall time.
+        marginal_error: Sinkhorn's last marginal error (how converged the forward was).
+    """
+
+    permutations: dict[str, Tensor]
+    model: nn.Module
+    spec: PermutationSpec
+    logits: dict[str, Tensor]
+    history: list[float] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    marginal_error: float = 0.0
+
+
+class PermutationLogits(nn.Module):
+    """Learnable logits ``X_g`` for every group, and their Sinkhorn plans.
+
+    Groups of equal size are stacked and solved as one batch.
+    """
+
+    def __init__(self, spec: PermutationSpec, init: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.names = list(spec.group_sizes)
+        self.logits = nn.ParameterList([nn.Parameter(init[g].clone()) for g in self.names])
+        buckets: dict[int, list[int]] = {}
+        for i, g in enumerate(self.names):
+            buckets.setdefault(spec.group_sizes[g], []).append(i)
+        self._buckets = list(buckets.values())
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {g: x.detach().clone() for g, x in zip(self.names, self.logits)}
+
+    def plans(self, tau: float, n_iter: int, backward: str = "implicit") -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for bucket in self._buckets:
+            stacked = torch.stack([self.logits[i] for i in bucket])
+            plans = sinkhorn(stacked, tau, n_iter, backward=backward)
+            out.update({self.names[i]: p for i, p in zip(bucket, plans.unbind(0))})
+        return out
+
+    def hard(self) -> dict[str, Tensor]:
+        return {g: hard_permutation(x) for g, x in zip(self.names, self.logits)}
+
+
+def _make_cost(
+    cost: CostName | Cost, model: nn.Module, keys: list[str], loss_fn: LossFn | None, seed: int
+) -> tuple[Cost, bool]:
+    """The cost callable and whether it needs data."""
+    if callable(cost):
+        return cost, True
+    weight_costs = {"l2": L2Cost, "l1": L1Cost, "cosine": CosineCost}
+    if cost in weight_costs:
+        return weight_costs[cost](keys), False
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    if cost == "mid":
+        return MidpointCost(model, loss_fn), True
+    if cost == "rnd":
+        return RandomPointCost(model, loss_fn, torch.Generator().manual_seed(seed)), True
+    raise ValueError(f"Unknown cost {cost!r}; use 'l2', 'l1', 'cosine', 'mid', 'rnd' or a callable.")
+
+
+def _initial_logits(
+    spec: PermutationSpec, init: Init, theta_a, theta_b, keys, generator, device, dtype
+) -> dict[str, Tensor]:
+    if init == "identity":
+        return {g: torch.eye(n, device=device, dtype=dtype) for g, n in spec.group_sizes.items()}
+    if init == "random":
+        return {
+            g: torch.randn(n, n, generator=generator).to(device, dtype) for g, n in spec.group_sizes.items()
+        }
+    if init == "weight_matching":
+        perms, _ = weight_matching_state(theta_a, theta_b, spec, keys=keys, generator=generator)
+        return {g: permutation_matrix(p, dtype).to(device) for g, p in perms.items()}
+    raise ValueError(f"Unknown init {init!r}; use 'identity', 'random' or 'weight_matching'.")
+
+
+def _batches(data: Iterable | None) -> Iterable[Any]:
+    if data is None:
+        return itertools.repeat(None)
+    return itertools.chain.from_iterable(itertools.repeat(data))
+
+
+def align(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    *,
+    example_input: Any = None,
+    spec: PermutationSpec | None = None,
+    cost: CostName | Cost = "l2",
+    data: Iterable | None = None,
+    loss_fn: LossFn | None = None,
+    steps: int = 100,
+    lr: float = 0.1,
+    tau: float = 1.0,
+    n_iter: int = 20,
+    init: Init = "identity",
+    sinkhorn_backward: Literal["implicit", "unrolled"] = "implicit",
+    seed: int = 0,
+    progress: bool = True,
+    callback: Callable[[int, float], None] | None = None,
+) -> AlignResult:
+    """Find permutations that bring ``model_b`` into ``model_a``'s basin.
+
+    Args:
+        example_input: a batch ``model_a`` accepts; used to discover the spec.
+        spec: a ready spec instead (one of the two is required).
+        cost: ``"l2"`` (default), ``"l1"``, ``"cosine"``, ``"mid"``, ``"rnd"`` or a callable
+            ``cost(theta_a, theta_b_permuted, batch)``; data costs read batches
+            ``(x, y)`` from ``data``, cycling through it.
+        steps, lr: Adam steps on the logits and their learning rate.
+        tau, n_iter: Sinkhorn temperature and iterations.
+        init: logits start at the identity, at random, or at the weight-matching solution.
+
+    Neither model is modified. Raises ``ValueError`` for mismatched architectures,
+    non-finite weights, ``tau <= 0`` or a data cost without data.
+    """
+    if not (tau > 0):
+        raise ValueError(f"tau must be > 0, got {tau!r}.")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps!r}.")
+    spec = resolve_spec(model_a, spec, example_input)
+    check_compatible(model_a, model_b, spec)
+    theta_a, theta_b = model_state(model_a), model_state(model_b)
+    params = {name for name, _ in model_a.named_parameters()}
+    keys = [k for k in spec.axes if k in params and theta_a[k].is_floating_point()]
+    cost_fn, needs_data = _make_cost(cost, model_a, keys, loss_fn, seed)
+    if needs_data and data is None:
+        raise ValueError(
+            f"cost={cost!r} evaluates the task loss: pass data= (an iterable of (x, y) batches)."
+        )
+    ref = theta_a[keys[0]] if keys else next(iter(theta_a.values()))
+    generator = torch.Generator().manual_seed(seed)
+    logits = PermutationLogits(
+        spec, _initial_logits(spec, init, theta_a, theta_b, keys, generator, ref.device, ref.dtype)
+    )
+    b_subset = theta_b if needs_data else {k: theta_b[k] for k in keys}
+    optimizer = torch.optim.Adam(logits.parameters(), lr=lr)
+    history: list[float] = []
+    error = 0.0
+    start = time.perf_counter()
+    batches = iter(_batches(data))
+    bar = tqdm(range(steps), desc="align", disable=not progress, leave=False)
+    for step in bar:
+        plans = logits.plans(tau, n_iter, sinkhorn_backward)
+        loss = cost_fn(theta_a, soft_permute_state(b_subset, spec, plans), next(batches))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history.append(float(loss.detach()))
+        bar.set_postfix(cost=f"{history[-1]:.4g}")
+        if callback is not None:
+            callback(step, history[-1])
+        if step == steps - 1:
+            error = max((marginal_error(p) for p in plans.values()), default=0.0)
+    perms = logits.hard()
+    return AlignResult(
+        permutations=perms,
+        model=permute(model_b, spec, perms),
+        spec=spec,
+        logits=logits.as_dict(),
+        history=history,
+        steps=steps,
+        seconds=time.perf_counter() - start,
+        marginal_error=error,
+    )

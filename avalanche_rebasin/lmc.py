@@ -1,0 +1,116 @@
+"""Linear mode connectivity: interpolation, loss barrier and area under the curve.
+
+For a metric ``C`` along ``θ(λ) = (1−λ)θ_A + λθ_B``:
+
+    Barrier = sup_λ [C(θ(λ)) − ((1−λ)C(θ_A) + λC(θ_B))],
+    AUC     = ∫₀¹ [C(θ(λ)) − ((1−λ)C(θ_A) + λC(θ_B))] dλ   (trapezoid rule).
+
+For a metric where higher is better (accuracy) the sign flips, so a barrier is always
+how much worse the path is than the straight line between its ends. Networks with
+BatchNorm need their running statistics re-estimated on training data at every
+interpolated point (``bn_data``), since averaged statistics do not describe the
+averaged network.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .costs import interpolate_state
+from .permute import load_state_, model_state
+
+__all__ = ["LMCCurve", "barrier_and_auc", "interpolate", "lmc_curve", "reestimate_batchnorm"]
+
+
+def interpolate(model_a: nn.Module, model_b: nn.Module, lam: float) -> nn.Module:
+    """A new module with ``(1−λ)θ_A + λθ_B`` (integer buffers from ``model_a``)."""
+    state_a, state_b = model_state(model_a), model_state(model_b)
+    if state_a.keys() != state_b.keys():
+        raise ValueError("interpolate needs two models of the same architecture (their tensor names differ).")
+    return load_state_(copy.deepcopy(model_a), interpolate_state(state_a, state_b, float(lam)))
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, data: Iterable, *, max_batches: int | None = None) -> nn.Module:
+    """Reset and re-estimate every BatchNorm's running statistics on ``data`` (in place).
+
+    Uses a cumulative average over the batches (``momentum=None``); ``data`` yields
+    ``x`` or ``(x, y, ...)``. Restores the model's mode and momenta; returns ``model``.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    device = next(model.parameters()).device
+    for i, batch in enumerate(data):
+        if max_batches is not None and i >= max_batches:
+            break
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        model(x.to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    return model
+
+
+def barrier_and_auc(
+    lambdas: list[float], values: list[float], *, higher_is_better: bool = False
+) -> tuple[float, float]:
+    """Barrier and AUC of ``values`` against the straight line between the endpoints."""
+    lam = torch.tensor(lambdas, dtype=torch.float64)
+    val = torch.tensor(values, dtype=torch.float64)
+    line = (1 - lam) * val[0] + lam * val[-1]
+    gap = (line - val) if higher_is_better else (val - line)
+    return float(gap.max()), float(torch.trapezoid(gap, lam))
+
+
+@dataclass
+class LMCCurve:
+    """A metric along the linear path from ``model_a`` (λ=0) to ``model_b`` (λ=1)."""
+
+    lambdas: list[float]
+    values: list[float]
+    barrier: float
+    auc: float
+    higher_is_better: bool = False
+
+
+def lmc_curve(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    eval_fn: Callable[[nn.Module], float],
+    *,
+    n_points: int = 11,
+    bn_data: Iterable | None = None,
+    higher_is_better: bool = False,
+    progress: bool = False,
+) -> LMCCurve:
+    """Evaluate ``eval_fn`` on ``n_points`` evenly spaced interpolations.
+
+    ``eval_fn(model) -> float`` (e.g. test loss or accuracy) gets a fresh module in eval
+    mode. With ``bn_data`` every interpolated network's BatchNorm statistics are
+    re-estimated first (endpoints included, for a fair line). Neither model is modified.
+    """
+    if n_points < 2:
+        raise ValueError(f"n_points must be >= 2, got {n_points}.")
+    lambdas = torch.linspace(0, 1, n_points).tolist()
+    values = []
+    for lam in tqdm(lambdas, desc="lmc", disable=not progress, leave=False):
+        model = interpolate(model_a, model_b, lam)
+        if bn_data is not None:
+            reestimate_batchnorm(model, bn_data)
+        model.eval()
+        values.append(float(eval_fn(model)))
+    barrier, auc = barrier_and_auc(lambdas, values, higher_is_better=higher_is_better)
+    return LMCCurve(lambdas, values, barrier, auc, higher_is_better)

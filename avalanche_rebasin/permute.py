@@ -1,0 +1,154 @@
+"""Apply hard or soft permutations to parameter/buffer dicts, functionally.
+
+Convention: a group's hard permutation is an index tensor ``idx`` and acts on every
+axis the group touches as ``t.index_select(axis, idx)``; its matrix is
+``P[c, idx[c]] = 1``. A soft permutation is a doubly-stochastic ``P`` acting the same
+way, ``t'[c] = Σ_j P[c, j] · t[j]``, so it is differentiable in ``P``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .spec import AxisPermutation, PermutationSpec
+
+__all__ = [
+    "check_permutations",
+    "identity_permutation",
+    "invert_permutation",
+    "load_state_",
+    "model_state",
+    "permute",
+    "permute_state",
+    "permute_tensor",
+    "random_permutation",
+    "soft_permute_state",
+]
+
+
+def model_state(model: nn.Module) -> dict[str, Tensor]:
+    """All named parameters and buffers (non-persistent buffers included), detached."""
+    return {name: t.detach() for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def load_state_(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
+    """Copy ``state`` into ``model``'s parameters and buffers, in place; returns ``model``."""
+    targets = dict([*model.named_parameters(), *model.named_buffers()])
+    with torch.no_grad():
+        for name, value in state.items():
+            if name not in targets:
+                raise KeyError(f"Model has no parameter or buffer named '{name}'.")
+            targets[name].copy_(value)
+    return model
+
+
+def identity_permutation(
+    spec: PermutationSpec, device: torch.device | str | None = None
+) -> dict[str, Tensor]:
+    return {g: torch.arange(n, device=device) for g, n in spec.group_sizes.items()}
+
+
+def random_permutation(
+    spec: PermutationSpec, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> dict[str, Tensor]:
+    """An independent uniformly random permutation per group (deterministic under ``generator``)."""
+    return {g: torch.randperm(n, generator=generator).to(device) for g, n in spec.group_sizes.items()}
+
+
+def invert_permutation(perms: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``inv`` such that permuting by ``perms`` then by ``inv`` is the identity."""
+    return {g: torch.argsort(idx) for g, idx in perms.items()}
+
+
+def check_permutations(spec: PermutationSpec, perms: Mapping[str, Tensor]) -> None:
+    """Raise ``ValueError`` unless ``perms`` holds a valid permutation for every group."""
+    missing = set(spec.group_sizes) - set(perms)
+    if missing:
+        raise ValueError(f"No permutation given for groups {sorted(missing)}.")
+    for group, idx in perms.items():
+        if group not in spec.group_sizes:
+            raise ValueError(f"Permutation for unknown group '{group}'; the spec has {spec.groups}.")
+        n = spec.group_sizes[group]
+        if idx.dtype not in (torch.int64, torch.int32) or idx.shape != (n,):
+            raise ValueError(
+                f"Group '{group}' needs an integer index tensor of shape ({n},), got "
+                f"{idx.dtype} {tuple(idx.shape)}."
+            )
+        if not torch.equal(torch.sort(idx).values.cpu(), torch.arange(n)):
+            raise ValueError(f"The index for group '{group}' is not a permutation of 0..{n - 1}.")
+
+
+def _expanded_index(idx: Tensor, entry: AxisPermutation) -> Tensor:
+    """Index over the whole axis ``(outer, size, inner)`` that moves unit blocks by ``idx``."""
+    n = idx.numel()
+    inner = torch.arange(entry.inner, device=idx.device)
+    outer = torch.arange(entry.outer, device=idx.device) * (n * entry.inner)
+    return (outer[:, None, None] + idx[None, :, None] * entry.inner + inner[None, None, :]).reshape(-1)
+
+
+def permute_tensor(
+    tensor: Tensor,
+    entries: tuple[AxisPermutation | None, ...],
+    perms: Mapping[str, Tensor],
+    skip_axis: int | None = None,
+) -> Tensor:
+    """Hard-permute every axis of ``tensor`` that ``entries`` names (but ``skip_axis``)."""
+    for axis, entry in enumerate(entries):
+        if entry is not None and axis != skip_axis:
+            idx = _expanded_index(perms[entry.group].to(tensor.device), entry)
+            tensor = tensor.index_select(axis, idx)
+    return tensor
+
+
+def permute_state(
+    state: Mapping[str, Tensor], spec: PermutationSpec, perms: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """Hard permutation of a state dict; tensors the spec does not touch are passed through."""
+    check_permutations(spec, perms)
+    out = dict(state)
+    for name, entries in spec.axes.items():
+        if name in state:
+            out[name] = permute_tensor(state[name], entries, perms)
+    return out
+
+
+def _soft_axis(tensor: Tensor, axis: int, plan: Tensor, entry: AxisPermutation) -> Tensor:
+    moved = tensor.movedim(axis, 0)
+    rest = moved.shape[1:]
+    blocks = moved.reshape(entry.outer, plan.shape[-1], entry.inner, -1)
+    mixed = torch.einsum("cg,ogir->ocir", plan.to(blocks.dtype), blocks)
+    return mixed.reshape(moved.shape[0], *rest).movedim(0, axis)
+
+
+def soft_permute_state(
+    state: Mapping[str, Tensor], spec: PermutationSpec, plans: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """``π_P(θ)`` for doubly-stochastic ``plans`` (group → ``n × n``); differentiable in the plans.
+
+    Integer tensors (e.g. ``num_batches_tracked``) are passed through.
+    """
+    out = dict(state)
+    for name, entries in spec.axes.items():
+        if name not in state or not state[name].is_floating_point():
+            continue
+        tensor = state[name]
+        for axis, entry in enumerate(entries):
+            if entry is not None and entry.group in plans:
+                tensor = _soft_axis(tensor, axis, plans[entry.group], entry)
+        out[name] = tensor
+    return out
+
+
+def permute(model: nn.Module, spec: PermutationSpec, perms: Mapping[str, Tensor]) -> nn.Module:
+    """A NEW module whose parameters and buffers are permuted by ``perms``; ``model`` is untouched.
+
+    The result computes the same function as ``model`` (hidden units only move).
+    """
+    state = model_state(model)
+    spec.validate(state)
+    permuted = permute_state(state, spec, perms)
+    return load_state_(copy.deepcopy(model), {k: permuted[k] for k in spec.axes})

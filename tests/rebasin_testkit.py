@@ -1,0 +1,117 @@
+"""Small models and helpers shared by the tests (imported via pytest's pythonpath)."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+
+def mlp(
+    hidden_layers: int = 2, width: int = 32, in_features: int = 20, out_features: int = 5, bias: bool = True
+) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(in_features, width, bias=bias), nn.ReLU()]
+    for _ in range(hidden_layers - 1):
+        layers += [nn.Linear(width, width, bias=bias), nn.ReLU()]
+    layers.append(nn.Linear(width, out_features, bias=bias))
+    return nn.Sequential(*layers)
+
+
+class LayerNormMLP(nn.Module):
+    def __init__(self, width: int = 24) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, width)
+        self.norm1 = nn.LayerNorm(width)
+        self.fc2 = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x):
+        x = torch.nn.functional.gelu(self.norm1(self.fc1(x)))
+        x = torch.tanh(self.norm2(self.fc2(x)))
+        return self.head(x)
+
+
+class PreLNResidualMLP(nn.Module):
+    """x → embed → [x + fc2(gelu(fc1(LN(x))))] × depth → LN → head."""
+
+    def __init__(self, width: int = 16, hidden: int = 32, depth: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(10, width)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "norm": nn.LayerNorm(width),
+                    "fc1": nn.Linear(width, hidden),
+                    "fc2": nn.Linear(hidden, width),
+                }
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = x + block["fc2"](torch.nn.functional.gelu(block["fc1"](block["norm"](x))))
+        return self.head(self.norm(x))
+
+
+class SmallCNN(nn.Module):
+    """Conv-BN-ReLU ×2 with a flatten of C×H×W into a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12 * 4 * 4, 16)
+        self.out = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.nn.functional.max_pool2d(x, 2)
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.nn.functional.max_pool2d(x, 2)
+        x = torch.flatten(x, 1)
+        return self.out(torch.relu(self.fc(x)))
+
+
+def vgg11_bn_small(num_classes: int = 10) -> nn.Module:
+    """torchvision's vgg11_bn trunk (8 conv-BN groups) with a narrow head on a 2×2 pool.
+
+    The 4096-wide classifier of the original makes a single soft-permutation step cost
+    about a teraflop, which CPU tests cannot afford; the convolutional part, where the
+    BatchNorm groups live, is unchanged, and the flatten still mixes C×H×W.
+    """
+    model = torchvision.models.vgg11_bn(num_classes=num_classes)
+    model.avgpool = nn.AdaptiveAvgPool2d(2)
+    model.classifier = nn.Sequential(
+        nn.Linear(512 * 4, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, num_classes)
+    )
+    return model
+
+
+@torch.no_grad()
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters (in place)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.5)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + 0.5)
+            m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=generator))
+            m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=generator))
+    return model
+
+
+def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_equal(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    current = model.state_dict()
+    assert current.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(current[k], v), f"tensor '{k}' changed"

@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from avalanche_rebasin import Sinkhorn, hard_permutation, marginal_error, permutation_matrix
+from avalanche_rebasin.sinkhorn import sinkhorn
+
+
+def _logits(n: int, batch: tuple[int, ...] = (), seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.eye(n, dtype=dtype) + 0.5 * torch.randn(*batch, n, n, generator=g, dtype=dtype)
+
+
+def test_plan_is_doubly_stochastic():
+    plan = sinkhorn(_logits(7, (3,)), tau=0.7, n_iter=200)
+    assert plan.shape == (3, 7, 7)
+    assert marginal_error(plan) < 1e-10
+    assert (plan >= 0).all()
+
+
+@pytest.mark.parametrize("solver", ["schur", "cg"])
+def test_implicit_backward_matches_unrolled_float64(solver):
+    x = _logits(6, (2,)).requires_grad_()
+    upstream = torch.randn(2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (sinkhorn(x, 0.7, 1000, linear_solver=solver) * upstream).sum().backward()
+    implicit = x.grad.clone()
+    x.grad = None
+    (sinkhorn(x, 0.7, 1000, backward="unrolled") * upstream).sum().backward()
+    unrolled = x.grad
+    assert unrolled.abs().max() > 1e-3  # a non-trivial gradient
+    torch.testing.assert_close(implicit, unrolled, atol=1e-9, rtol=1e-7)
+
+
+def test_implicit_backward_passes_gradcheck_when_converged():
+    x = _logits(5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: sinkhorn(t, 0.8, 1000), (x,), atol=1e-6)
+
+
+def test_float32_sum_backward_and_batches():
+    x = _logits(40, (3,), dtype=torch.float32).requires_grad_()
+    sinkhorn(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    y = _logits(40, (3,), dtype=torch.float32).requires_grad_()
+    sinkhorn(y).pow(2).sum().backward()
+    assert torch.isfinite(y.grad).all() and y.grad.abs().max() > 0
+
+
+def test_backward_leaves_upstream_gradient_untouched():
+    x = _logits(5).requires_grad_()
+    plan = sinkhorn(x, 1.0, 50)
+    upstream = torch.randn(5, 5, dtype=torch.float64)
+    before = upstream.clone()
+    plan.backward(upstream)
+    assert torch.equal(upstream, before)
+
+
+@pytest.mark.parametrize("solver", ["schur", "cg"])
+def test_saturated_plan_does_not_crash(solver):
+    x = (100.0 * torch.eye(6)).requires_grad_()
+    plan = sinkhorn(x, tau=0.01, n_iter=20, linear_solver=solver)
+    assert torch.allclose(plan, torch.eye(6))
+    (plan * torch.randn(6, 6)).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_invalid_temperature_and_logits_raise():
+    x = _logits(4)
+    for tau in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tau"):
+            sinkhorn(x, tau=tau)
+    with pytest.raises(ValueError, match="tau"):
+        Sinkhorn(tau=0)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        sinkhorn(bad)
+    with pytest.raises(ValueError, match="square"):
+        sinkhorn(torch.zeros(3, 4))
+
+
+def test_hard_permutation_recovers_index_and_matrix_convention():
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randperm(9, generator=g)
+    logits = permutation_matrix(idx, torch.float64) * 5 + 0.1 * torch.randn(
+        9, 9, generator=g, dtype=torch.float64
+    )
+    assert torch.equal(hard_permutation(logits), idx)
+    x = torch.randn(9, 4, generator=g)
+    assert torch.equal(permutation_matrix(idx) @ x, x[idx])
+    batched = hard_permutation(torch.stack([logits, logits]))
+    assert batched.shape == (2, 9)
+
+
+def test_solver_object_matches_function():
+    x = _logits(6, dtype=torch.float32)
+    torch.testing.assert_close(Sinkhorn(tau=0.5, n_iter=30)(x), sinkhorn(x, 0.5, 30))
