@@ -707,6 +707,32 @@ def _getitem(tr: Tracer, call: OpCall) -> Feature | None:
     return s.moved(new_axis)
 
 
+@register_rule("__setitem__")
+def _setitem(tr: Tracer, call: OpCall) -> Feature | None:
+    """``target[index] = value``: the written part must carry the target's permutation."""
+    target, index, value = call.args[0], call.args[1], call.args[2]
+    items = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, Tensor) and tr.state(i) is not None for i in items):
+        tr.unsupported(call, "its index is computed from a permuted tensor")
+        return None
+    s_t, s_v = tr.state(target), tr.state(value)
+    tr.fix_tensor(tr.param(value))
+    if (
+        s_t is not None
+        and s_v is not None
+        and (s_t.axis, s_t.size)
+        == (
+            s_v.axis + target.dim() - value.dim(),
+            s_v.size,
+        )
+    ):
+        tr.union(s_t.var, s_v.var)
+        return None
+    tr.fix(s_t)  # partly permuted content cannot be permuted as a whole
+    tr.fix(s_v)
+    return None
+
+
 # --------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------

@@ -70,8 +70,10 @@ def main() -> None:
     start = time.perf_counter()
     found = align(model, permute(model, spec, truth), spec=spec, steps=60, lr=0.3, progress=False)
     wrong = sum(int((found.permutations[k] != v).sum()) for k, v in invert_permutation(truth).items())
-    print(f"   units assigned wrongly: {wrong} of {sum(spec.group_sizes.values())} "
-          f"({time.perf_counter() - start:.1f} s)")
+    print(
+        f"   units assigned wrongly: {wrong} of {sum(spec.group_sizes.values())} "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
 
     print(f"2) Two MLPs trained from different seeds ({args.epochs} epochs each)")
     model_a = train(1, x_train, y_train, args.epochs)
@@ -90,8 +92,18 @@ def main() -> None:
         "naive (no alignment)": lambda: model_b,
         "weight matching": lambda: permute(model_b, spec, weight_matching(model_a, model_b, spec=spec)),
         "Sinkhorn + C_L2": lambda: align(model_a, model_b, spec=spec, steps=200, progress=False).model,
-        "Sinkhorn + C_Mid": lambda: align(model_a, model_b, spec=spec, cost="mid", data=batches,
-                                          steps=200, init="weight_matching", progress=False).model,
+        "Sinkhorn + C_Mid": lambda: (
+            align(
+                model_a,
+                model_b,
+                spec=spec,
+                cost="mid",
+                data=batches,
+                steps=200,
+                init="weight_matching",
+                progress=False,
+            ).model
+        ),
     }
     print(f"   endpoint test accuracy: A {accuracy(model_a):.3f}, B {accuracy(model_b):.3f}")
     print(f"   {'method':<22} {'loss barrier':>12} {'loss AUC':>9} {'acc barrier':>11} {'time s':>7}")
@@ -101,8 +113,10 @@ def main() -> None:
         seconds = time.perf_counter() - start
         loss_curve = lmc_curve(model_a, aligned, test_loss, n_points=11)
         acc_curve = lmc_curve(model_a, aligned, accuracy, n_points=11, higher_is_better=True)
-        print(f"   {name:<22} {loss_curve.barrier:12.4f} {loss_curve.auc:9.4f} "
-              f"{acc_curve.barrier:11.4f} {seconds:7.1f}")
+        print(
+            f"   {name:<22} {loss_curve.barrier:12.4f} {loss_curve.auc:9.4f} "
+            f"{acc_curve.barrier:11.4f} {seconds:7.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -90,6 +90,9 @@ def test_hard_permutation_recovers_index_and_matrix_convention():
     assert batched.shape == (2, 9)
 
 
-def test_solver_object_matches_function():
-    x = _logits(6, dtype=torch.float32)
-    torch.testing.assert_close(Sinkhorn(tau=0.5, n_iter=30)(x), sinkhorn(x, 0.5, 30))
+def test_solver_object_matches_function_and_backpropagates():
+    x = _logits(6, dtype=torch.float32).requires_grad_()
+    plan = Sinkhorn(tau=0.5, n_iter=30)(x)
+    torch.testing.assert_close(plan, sinkhorn(x, 0.5, 30))
+    plan.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
