@@ -142,7 +142,7 @@ def align(
     sinkhorn_backward: Literal["implicit", "unrolled"] = "implicit",
     seed: int = 0,
     progress: bool = True,
-    callback: Callable[[int, float], None] | None = None,
+    callback: Callable[[int, float, PermutationLogits], bool | None] | None = None,
 ) -> AlignResult:
     """Find permutations that bring ``model_b`` into ``model_a``'s basin.
 
@@ -155,6 +155,8 @@ def align(
         steps, lr: Adam steps on the logits and their learning rate.
         tau, n_iter: Sinkhorn temperature and iterations.
         init: logits start at the identity, at random, or at the weight-matching solution.
+        callback: called as ``callback(step, cost, logits)`` after every step; returning
+            True stops the optimisation early (e.g. once ``logits.hard()`` is right).
 
     Neither model is modified. Raises ``ValueError`` for mismatched architectures,
     non-finite weights, ``tau <= 0`` or a data cost without data.
@@ -193,10 +195,9 @@ def align(
         optimizer.step()
         history.append(float(loss.detach()))
         bar.set_postfix(cost=f"{history[-1]:.4g}")
-        if callback is not None:
-            callback(step, history[-1])
-        if step == steps - 1:
-            error = max((marginal_error(p) for p in plans.values()), default=0.0)
+        error = max((marginal_error(p) for p in plans.values()), default=0.0)
+        if callback is not None and callback(step, history[-1], logits):
+            break
     perms = logits.hard()
     return AlignResult(
         permutations=perms,
@@ -204,7 +205,7 @@ def align(
         spec=spec,
         logits=logits.as_dict(),
         history=history,
-        steps=steps,
+        steps=len(history),
         seconds=time.perf_counter() - start,
         marginal_error=error,
     )

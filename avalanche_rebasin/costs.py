@@ -51,7 +51,7 @@ def functional_loss(model: nn.Module, state: State, batch: Any, loss_fn: LossFn)
     """
     x, y = batch[0], batch[1]
     buffers = {name for name, _ in model.named_buffers()}
-    state = {k: v.clone() if k in buffers else v for k, v in state.items()}
+    state = {k: v.detach().clone() if k in buffers else v for k, v in state.items()}
     return loss_fn(functional_call(model, state, (x,)), y)
 
 

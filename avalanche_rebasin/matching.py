@@ -1,4 +1,11 @@
-"""Baselines that find permutations without Sinkhorn: weight matching.
+"""Baselines that find permutations without Sinkhorn (Ainsworth et al., 2022).
+
+* weight matching (their Alg. 1), below;
+* activation matching: units paired by the correlation of their activations on data;
+* the straight-through estimator (their Alg. 3): a free copy ``θ̃`` of ``θ_A`` is
+  trained so that the midpoint ``(θ_A + π(θ_B)) / 2`` has low loss, where ``π`` is the
+  weight matching of ``θ_B`` to ``θ̃``, hard in the forward pass, and the gradient
+  reaches ``θ̃`` as if ``π(θ_B)`` were ``θ̃`` (straight through).
 
 Weight matching (Ainsworth et al., 2022, Alg. 1) is coordinate descent on
 ``max_P Σ_k ⟨θ_A,k, π_P(θ_B)_k⟩``: for one group at a time, with every other group
@@ -13,13 +20,17 @@ order until a full sweep improves nothing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import copy
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ._checks import check_compatible, resolve_spec
-from .permute import identity_permutation, model_state, permute_tensor
+from .costs import functional_loss, interpolate_state
+from .permute import identity_permutation, model_state, permute_state, permute_tensor
 from .sinkhorn import hard_permutation
 from .spec import GroupMember, PermutationSpec
 
@@ -109,4 +120,148 @@ def weight_matching(
     perms, _ = weight_matching_state(
         theta_a, theta_b, spec, keys=keys, max_iter=max_iter, generator=generator
     )
+    return perms
+
+
+def _producers(model: nn.Module, spec: PermutationSpec) -> dict[str, list[str]]:
+    """Per group, the modules whose own tensors carry the group on their output axis."""
+    modules = dict(model.named_modules())
+    out: dict[str, list[str]] = {}
+    for group, members in spec.members.items():
+        for m in members:
+            path = m.tensor.rsplit(".", 1)[0] if "." in m.tensor else ""
+            if (
+                m.axis == 0
+                and m.inner == 1
+                and m.outer == 1
+                and path in modules
+                and path not in out.get(group, [])
+            ):
+                out.setdefault(group, []).append(path)
+    return out
+
+
+class _CorrelationStats:
+    """Running sums for the Pearson correlation of two unit sets."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sa = self.sb = self.saa = self.sbb = self.sab = None
+
+    def update(self, a: Tensor, b: Tensor) -> None:  # a, b: (samples, units)
+        a, b = a.double(), b.double()
+        if self.sa is None:
+            self.sa, self.sb = a.sum(0), b.sum(0)
+            self.saa, self.sbb, self.sab = (a * a).sum(0), (b * b).sum(0), a.T @ b
+        else:
+            self.sa, self.sb = self.sa + a.sum(0), self.sb + b.sum(0)
+            self.saa, self.sbb = self.saa + (a * a).sum(0), self.sbb + (b * b).sum(0)
+            self.sab = self.sab + a.T @ b
+        self.n += a.shape[0]
+
+    def correlation(self) -> Tensor:
+        ma, mb = self.sa / self.n, self.sb / self.n
+        cov = self.sab / self.n - ma[:, None] * mb[None, :]
+        sd_a = (self.saa / self.n - ma**2).clamp_min(0).sqrt()
+        sd_b = (self.sbb / self.n - mb**2).clamp_min(0).sqrt()
+        return cov / (sd_a[:, None] * sd_b[None, :] + 1e-8)
+
+
+def _units(output: Tensor, module: nn.Module) -> Tensor:
+    """Activations as ``(samples·positions, units)``: units on the last axis for Linear/LayerNorm."""
+    axis = -1 if isinstance(module, (nn.Linear, nn.LayerNorm)) or output.dim() == 2 else 1
+    return output.movedim(axis, -1).reshape(-1, output.shape[axis])
+
+
+@torch.no_grad()
+def activation_matching(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Iterable,
+    *,
+    example_input=None,
+    spec: PermutationSpec | None = None,
+    max_batches: int | None = None,
+) -> dict[str, Tensor]:
+    """Pair units by activation correlation on ``data`` (batches ``x`` or ``(x, y)``).
+
+    For each group, ``S_g = Σ_m corr(act_A^m, act_B^m)`` over the modules ``m`` whose
+    outputs carry the group (a residual stream sums its layers); the permutation is the
+    linear assignment on ``S_g``. Runs on copies in eval mode; neither model changes.
+    """
+    spec = resolve_spec(model_a, spec, example_input)
+    check_compatible(model_a, model_b, spec)
+    copies = [copy.deepcopy(model_a).eval(), copy.deepcopy(model_b).eval()]
+    producers = _producers(copies[0], spec)
+    captured: list[dict[str, Tensor]] = [{}, {}]
+    handles = []
+    for side, model in enumerate(copies):
+        modules = dict(model.named_modules())
+        for path in {p for paths in producers.values() for p in paths}:
+
+            def hook(module, _inputs, output, side=side, path=path):
+                captured[side][path] = _units(output, module)
+
+            handles.append(modules[path].register_forward_hook(hook))
+    stats = {path: _CorrelationStats() for paths in producers.values() for path in paths}
+    try:
+        for batch in itertools.islice(data, max_batches):
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            for model in copies:
+                model(x)
+            for path, stat in stats.items():
+                stat.update(captured[0][path], captured[1][path])
+    finally:
+        for handle in handles:
+            handle.remove()
+    perms = identity_permutation(spec)
+    for group, paths in producers.items():
+        similarity = sum(stats[p].correlation() for p in paths)
+        perms[group] = hard_permutation(similarity)
+    return perms
+
+
+def straight_through(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Iterable,
+    *,
+    example_input=None,
+    spec: PermutationSpec | None = None,
+    steps: int = 200,
+    lr: float = 1e-3,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Tensor]:
+    """Ainsworth et al.'s straight-through estimator; returns permutations for ``model_b``.
+
+    ``data`` yields ``(x, y)`` batches and is cycled through for ``steps`` Adam steps.
+    """
+    spec = resolve_spec(model_a, spec, example_input)
+    check_compatible(model_a, model_b, spec)
+    theta_a, theta_b = model_state(model_a), model_state(model_b)
+    params = {name for name, _ in model_a.named_parameters()}
+    keys = [k for k in spec.axes if k in params and theta_a[k].is_floating_point()]
+    free = {k: theta_a[k].clone().requires_grad_() for k in params}
+    optimizer = torch.optim.Adam(free.values(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    perms = identity_permutation(spec, device=theta_a[keys[0]].device if keys else None)
+    batches = itertools.chain.from_iterable(itertools.repeat(data))
+    for _ in tqdm(range(steps), desc="straight-through", disable=not progress, leave=False):
+        with torch.no_grad():
+            perms, _ = weight_matching_state(
+                {**theta_a, **free}, theta_b, spec, keys=keys, generator=generator, init=perms
+            )
+        projected = permute_state(theta_b, spec, perms)
+        straight = {k: free[k] + (projected[k] - free[k]).detach() for k in free}
+        midpoint = interpolate_state(theta_a, {**projected, **straight}, 0.5)
+        loss = functional_loss(model_a, midpoint, next(batches), loss_fn)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        perms, _ = weight_matching_state(
+            {**theta_a, **free}, theta_b, spec, keys=keys, generator=generator, init=perms
+        )
     return perms

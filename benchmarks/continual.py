@@ -386,6 +386,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.tune_ewc:
         tune_ewc(args)
         return
+    if args.merge:
+        extra = [r for d in args.merge for r in json.loads((Path(d) / "runs.json").read_text())["runs"]]
+        records = merge_previous(extra, Path(args.out))
+        write_outputs(records, args)
+        print(summarize(records, args))
+        return
     records = []
     for seed in args.seeds:
         for name in args.strategies:

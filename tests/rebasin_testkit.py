@@ -115,3 +115,23 @@ def assert_state_equal(model: nn.Module, state: dict[str, torch.Tensor]) -> None
     assert current.keys() == state.keys()
     for k, v in state.items():
         assert torch.equal(current[k], v), f"tensor '{k}' changed"
+
+
+def teacher_task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four classes from a fixed random two-layer teacher on 16-d Gaussian inputs."""
+    teacher = torch.Generator().manual_seed(1234)
+    w1, w2 = torch.randn(16, 32, generator=teacher), torch.randn(32, 4, generator=teacher)
+    x = torch.randn(n, 16, generator=torch.Generator().manual_seed(seed))
+    return x, (torch.tanh(x @ w1) @ w2).argmax(1)
+
+
+def train_mlp(seed: int, x: torch.Tensor, y: torch.Tensor, width: int = 64, epochs: int = 15) -> nn.Module:
+    torch.manual_seed(seed)
+    model = mlp(2, width=width, in_features=16, out_features=4)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x)).split(128):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()

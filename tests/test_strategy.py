@@ -12,6 +12,7 @@ from avalanche.models import MTSimpleMLP, SimpleMLP
 from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin, ReplayPlugin
 from rebasin_testkit import SmallCNN
 
+from avalanche_rebasin import permute_state
 from avalanche_rebasin.strategy import RebasinStrategy
 
 N_CLASSES = 6
@@ -40,12 +41,12 @@ def _evaluator():
     )
 
 
-def _strategy(model, **kwargs) -> RebasinStrategy:
+def _strategy(model, cls=RebasinStrategy, **kwargs) -> RebasinStrategy:
     defaults = dict(
         train_mb_size=32, train_epochs=1, rebasin_epochs=1, eval_mb_size=64, evaluator=_evaluator(), seed=0
     )
     defaults.update(kwargs)
-    return RebasinStrategy(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), **defaults)
+    return cls(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), **defaults)
 
 
 def _stream_accuracy(results: dict) -> float:
@@ -80,25 +81,13 @@ def test_trains_evaluates_and_commits_formula(make_model, task_labels, image):
     torch.manual_seed(0)
     bench = _benchmark(task_labels=task_labels, image=image)
     model = make_model()
-    strategy = RecordingRebasin(
-        model=model,
-        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-        train_mb_size=32,
-        train_epochs=1,
-        rebasin_epochs=1,
-        eval_mb_size=64,
-        evaluator=_evaluator(),
-        plugins=[ReplayPlugin(mem_size=30)],
-        alpha=0.3,
-    )
+    strategy = _strategy(model, cls=RecordingRebasin, plugins=[ReplayPlugin(mem_size=30)], alpha=0.3)
     for exp in bench.train_stream:
         strategy.train(exp)
         results = strategy.eval(bench.test_stream)
         if exp.current_experience == 0:
             continue
         theta, hard, delta, spec = strategy.recorded
-        from avalanche_rebasin import permute_state
-
         permuted = permute_state(theta, spec, hard)
         state = dict(model.named_parameters())
         for name, value in theta.items():

