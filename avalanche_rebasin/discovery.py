@@ -446,6 +446,19 @@ def _elementwise(tr: Tracer, call: OpCall) -> Feature | None:
     return Feature(axis, tr.find(var), first.size, first.inner, first.outer)
 
 
+@register_rule("__get__")
+def _attribute(tr: Tracer, call: OpCall) -> Feature | None:
+    """Tensor properties: ``.data`` and the like keep the layout; ``.T``/``.mT`` do not."""
+    x, out = call.args[0] if call.args else None, call.out
+    s = tr.state(x)
+    if s is None:
+        return None
+    if isinstance(out, Tensor) and out.shape == x.shape:
+        return s
+    tr.unsupported(call, "a tensor property that changes the layout of a permuted tensor")
+    return None
+
+
 @register_rule("softmax", "log_softmax", "softmin")
 def _equivariant(tr: Tracer, call: OpCall) -> Feature | None:
     return tr.state(call.args[0])

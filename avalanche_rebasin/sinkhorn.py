@@ -19,7 +19,8 @@ upstream gradient ``G`` and ``Ĝ = G ⊙ P``,
 
 ``K`` has the null vector ``[1; −1]``; fixing ``d_b[n−1] = 0`` removes it. The solve
 uses the Schur complement ``S = diag(b) − Pᵀ diag(1/a) P`` (size ``n−1`` instead of
-``2n−1``), either densely (``"schur"``) or by conjugate gradients (``"cg"``), with a
+``2n−1``), either densely (``"schur"``) or by conjugate gradients (``"cg"``); ``"full"``
+solves the whole ``(2n−1)`` system (the reference). All add a
 small ridge so that a saturated plan (``S → 0``) gives a finite (zero) gradient.
 Memory is ``O(n²)`` whatever the iteration count.
 """
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 BackwardMode = Literal["implicit", "unrolled"]
-LinearSolver = Literal["schur", "cg"]
+LinearSolver = Literal["schur", "cg", "full"]
 
 
 def _check_inputs(logits: Tensor, tau: float, n_iter: int) -> None:
@@ -127,6 +128,18 @@ def _solve_cg(matrix: Tensor, rhs: Tensor, ridge: float, max_iter: int, tol: flo
     return x
 
 
+def _solve_full(plan: Tensor, t_a: Tensor, t_b: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
+    """The reference: the whole ``(2n−1)×(2n−1)`` system ``K d = t``, solved densely."""
+    n = plan.shape[-1]
+    top = torch.cat([torch.diag_embed(plan.sum(-1)), plan], dim=-1)
+    bottom = torch.cat([plan.transpose(-1, -2), torch.diag_embed(plan.sum(-2))], dim=-1)
+    kkt = torch.cat([top, bottom], dim=-2)[..., :-1, :-1]
+    rhs = torch.cat([t_a, t_b[..., :-1]], dim=-1)
+    solution = _solve_dense(kkt, rhs, ridge)
+    d_b = torch.cat([solution[..., n:], torch.zeros_like(solution[..., :1])], dim=-1)
+    return solution[..., :n], d_b
+
+
 class _ImplicitSinkhorn(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -152,13 +165,16 @@ class _ImplicitSinkhorn(torch.autograd.Function):
         g_hat = grad_plan * plan  # a new tensor: the incoming gradient is never written
         t_a = g_hat.sum(-1)
         t_b = g_hat.sum(-2)
-        schur, rhs, a = _schur_system(plan, t_a, t_b)
-        if solver == "cg":
-            d_b_head = _solve_cg(schur, rhs, ridge, cg_max_iter, cg_tol)
+        if solver == "full":
+            d_a, d_b = _solve_full(plan, t_a, t_b, ridge)
         else:
-            d_b_head = _solve_dense(schur, rhs, ridge)
-        d_b = torch.cat([d_b_head, torch.zeros_like(d_b_head[..., :1])], dim=-1)
-        d_a = (t_a - (plan @ d_b.unsqueeze(-1)).squeeze(-1)) / a
+            schur, rhs, a = _schur_system(plan, t_a, t_b)
+            if solver == "cg":
+                d_b_head = _solve_cg(schur, rhs, ridge, cg_max_iter, cg_tol)
+            else:
+                d_b_head = _solve_dense(schur, rhs, ridge)
+            d_b = torch.cat([d_b_head, torch.zeros_like(d_b_head[..., :1])], dim=-1)
+            d_a = (t_a - (plan @ d_b.unsqueeze(-1)).squeeze(-1)) / a
         grad_logits = (g_hat - plan * (d_a.unsqueeze(-1) + d_b.unsqueeze(-2))) / tau
         return grad_logits, None, None, None, None, None, None
 
@@ -186,8 +202,8 @@ def sinkhorn(
         return _log_sinkhorn(logits / tau, int(n_iter)).exp()
     if backward != "implicit":
         raise ValueError(f"backward must be 'implicit' or 'unrolled', got {backward!r}.")
-    if linear_solver not in ("schur", "cg"):
-        raise ValueError(f"linear_solver must be 'schur' or 'cg', got {linear_solver!r}.")
+    if linear_solver not in ("schur", "cg", "full"):
+        raise ValueError(f"linear_solver must be 'schur', 'cg' or 'full', got {linear_solver!r}.")
     n = logits.shape[-1]
     ridge = _default_ridge(logits.dtype) if ridge is None else float(ridge)
     cg_iters = cg_max_iter if cg_max_iter is not None else 2 * n

@@ -307,7 +307,7 @@ def plot(records: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> 
         matrix = np.full((len(run["history"]), len(run["history"][-1]["per_exp"])), np.nan)
         for i, row in enumerate(run["history"]):
             for e, a in row["per_exp"].items():
-                matrix[i, e] = a
+                matrix[i, int(e)] = a
         ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("test experience")
@@ -364,6 +364,12 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         metavar="LAMBDA",
         help="choose ewc-tuned's lambda on the validation split (never the test set)",
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="add the runs saved in DIR/runs.json to --out and rewrite its tables and plots (runs nothing)",
     )
     p.add_argument(
         "--validation",

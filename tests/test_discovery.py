@@ -149,3 +149,23 @@ def test_spec_of_other_architecture_is_rejected():
     spec = PermutationSpec.from_model(mlp(2, width=8), torch.randn(1, 20))
     with pytest.raises(ValueError, match=r"another architecture|different architecture"):
         permute(mlp(2, width=9), spec, random_permutation(spec))
+
+
+def test_tensor_properties_and_setitem_are_followed():
+    class Props(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.fc1(x).data * 1.0  # a property that keeps the layout
+            out = torch.zeros(x.shape[0], 2)
+            out[:, :] = self.fc2(h)  # writing into a fresh tensor
+            return out
+
+    model = Props()
+    spec = PermutationSpec.from_model(model, torch.randn(3, 4))
+    assert spec.groups == ["fc1"]
+    x = torch.randn(5, 4)
+    permuted = permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(0)))
+    assert (model(x) - permuted(x)).abs().max() < 1e-6

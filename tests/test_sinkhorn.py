@@ -17,7 +17,7 @@ def test_plan_is_doubly_stochastic():
     assert (plan >= 0).all()
 
 
-@pytest.mark.parametrize("solver", ["schur", "cg"])
+@pytest.mark.parametrize("solver", ["schur", "cg", "full"])
 def test_implicit_backward_matches_unrolled_float64(solver):
     x = _logits(6, (2,)).requires_grad_()
     upstream = torch.randn(2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -53,7 +53,7 @@ def test_backward_leaves_upstream_gradient_untouched():
     assert torch.equal(upstream, before)
 
 
-@pytest.mark.parametrize("solver", ["schur", "cg"])
+@pytest.mark.parametrize("solver", ["schur", "cg", "full"])
 def test_saturated_plan_does_not_crash(solver):
     x = (100.0 * torch.eye(6)).requires_grad_()
     plan = sinkhorn(x, tau=0.01, n_iter=20, linear_solver=solver)
