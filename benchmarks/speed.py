@@ -34,6 +34,7 @@ from avalanche_rebasin.matching import weight_matching_state
 from avalanche_rebasin.sinkhorn import sinkhorn
 
 MODES = {
+    "implicit-full": dict(backward="implicit", linear_solver="full"),
     "implicit-schur": dict(backward="implicit", linear_solver="schur"),
     "implicit-cg": dict(backward="implicit", linear_solver="cg"),
     "unrolled": dict(backward="unrolled"),
