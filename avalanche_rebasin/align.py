@@ -183,7 +183,7 @@ def align(
     b_subset = theta_b if needs_data else {k: theta_b[k] for k in keys}
     optimizer = torch.optim.Adam(logits.parameters(), lr=lr)
     history: list[float] = []
-    error = 0.0
+    plans: dict[str, Tensor] = {}
     start = time.perf_counter()
     batches = iter(_batches(data))
     bar = tqdm(range(steps), desc="align", disable=not progress, leave=False)
@@ -195,7 +195,6 @@ def align(
         optimizer.step()
         history.append(float(loss.detach()))
         bar.set_postfix(cost=f"{history[-1]:.4g}")
-        error = max((marginal_error(p) for p in plans.values()), default=0.0)
         if callback is not None and callback(step, history[-1], logits):
             break
     perms = logits.hard()
@@ -207,5 +206,5 @@ def align(
         history=history,
         steps=len(history),
         seconds=time.perf_counter() - start,
-        marginal_error=error,
+        marginal_error=max((marginal_error(p) for p in plans.values()), default=0.0),
     )
