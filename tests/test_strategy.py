@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from avalanche.benchmarks import nc_benchmark
@@ -13,7 +15,7 @@ from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin, Repl
 from rebasin_testkit import SmallCNN
 
 from avalanche_rebasin import permute_state
-from avalanche_rebasin.strategy import RebasinStrategy
+from avalanche_rebasin.strategy import PRESETS, RebasinStrategy
 
 N_CLASSES = 6
 
@@ -127,6 +129,10 @@ def test_alpha_zero_and_frozen_zero_delta_leave_model_unchanged():
         ({"train_epochs": 0}, "train_epochs"),
         ({"sinkhorn_iters": 0}, "sinkhorn_iters"),
         ({"delta_clip": 0.0}, "delta_clip"),
+        ({"train_alpha": 1.5}, "train_alpha"),
+        ({"tau_final": 0.0}, "tau_final"),
+        ({"delta_optimizer": "rmsprop"}, "delta_optimizer"),
+        ({"rebasin_steps": 0}, "rebasin_steps"),
     ],
 )
 def test_invalid_hyperparameters_are_rejected(kwargs, word):
@@ -224,3 +230,141 @@ def test_lr_scheduler_plugin_composes_and_keeps_rebasin_learning_rates():
     assert seen[:2] == [[0.05], [0.025]]  # the scheduler steps the first experience
     assert opt.param_groups[0]["lr"] == 0.1  # and resets it after each experience
     assert all(lrs == [0.1, 0.05] for lrs in seen[2:])  # logits (Adam) and δ (SGD) untouched
+
+
+class StepRecorder(RecordingRebasin):
+    """Also records τ and the trained model's weights at every step."""
+
+    def forward(self):
+        if self.rebasin_active:
+            self.taus.append(self.current_tau)
+            self.merged.append({k: v.detach().clone() for k, v in self._merged_state().items()})
+            self.hards.append(self._rebasin.logits.hard() if self._rebasin.logits is not None else None)
+        return super().forward()
+
+
+def _recorder(**kwargs) -> StepRecorder:
+    model = SimpleMLP(num_classes=N_CLASSES, input_size=16, hidden_size=32, drop_rate=0)
+    strategy = _strategy(model, cls=StepRecorder, plugins=[ReplayPlugin(mem_size=30)], **kwargs)
+    strategy.taus, strategy.merged, strategy.hards = [], [], []
+    return strategy
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"preset": "paper"},
+        {"preset": "consistent"},
+        {"preset": "consistent", "permute": False},
+        {"preset": "paper", "train_alpha": None, "straight_through": True},
+        {"preset": "paper", "tau_final": 0.05},
+        {"preset": "paper", "delta_optimizer": "adam", "delta_lr": 1e-2, "delta_clip": None},
+        {"preset": "paper", "rebasin_steps": 20},
+    ],
+    ids=["paper", "consistent", "consistent-nopermute", "train-alpha-none+st", "tau-final", "adam", "steps"],
+)
+def test_presets_and_options_train_and_commit_formula(kwargs):
+    torch.manual_seed(0)
+    kwargs = dict(kwargs)
+    preset = kwargs.pop("preset")
+    bench = _benchmark()
+    model = SimpleMLP(num_classes=N_CLASSES, input_size=16, hidden_size=32, drop_rate=0)
+    strategy = RecordingRebasin.from_preset(
+        preset,
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+        train_mb_size=32,
+        train_epochs=1,
+        rebasin_epochs=1,
+        eval_mb_size=64,
+        evaluator=_evaluator(),
+        plugins=[ReplayPlugin(mem_size=30)],
+        **kwargs,
+    )
+    for key, value in {**PRESETS[preset], **kwargs}.items():
+        if key != "train_alpha" or value is not None:
+            assert getattr(strategy, "use_permutation" if key == "permute" else key) == value, key
+    for exp in bench.train_stream:
+        strategy.train(exp)
+        results = strategy.eval(bench.test_stream)
+        if exp.current_experience == 0:
+            continue
+        theta, hard, delta, spec = strategy.recorded
+        assert (hard is None) == (kwargs.get("permute") is False)
+        permuted = permute_state(theta, spec, hard) if hard is not None else theta
+        a = strategy.alpha
+        for name, value in model.named_parameters():
+            expected = (1 - a) * theta[name] + a * permuted[name] + delta[name]
+            torch.testing.assert_close(value.detach(), expected, rtol=1e-6, atol=1e-6)
+        assert any(float(d.abs().max()) > 1e-4 for d in delta.values())  # δ was trained
+    assert 0.0 <= _stream_accuracy(results) <= 1.0
+    assert len(strategy.reports) == 2
+
+
+def test_straight_through_trains_the_hard_permutation_and_moves_the_logits():
+    torch.manual_seed(0)
+    bench = _benchmark()
+    strategy = _recorder(train_alpha=0.3, straight_through=True, perm_init_noise=1.0, delta_init_std=0.0)
+    strategy.train(bench.train_stream[0])
+    strategy.train(bench.train_stream[1])
+    theta, _, _, spec = strategy.recorded
+    first, hard = strategy.merged[0], strategy.hards[0]  # δ is exactly 0 at the first step
+    assert any(bool((h != torch.arange(len(h))).any()) for h in hard.values())
+    permuted = permute_state(theta, spec, hard)
+    for name in first:
+        torch.testing.assert_close(first[name], 0.7 * theta[name] + 0.3 * permuted[name], atol=1e-6, rtol=0)
+    initial = strategy.merged[0]["features.0.weight"]
+    later = strategy.merged[-1]["features.0.weight"]
+    assert not torch.equal(initial, later)
+
+
+def test_soft_gradient_reaches_logits_through_straight_through():
+    torch.manual_seed(0)
+    bench = _benchmark()
+    strategy = _recorder(straight_through=True, delta_lr=0.0)
+    strategy.train(bench.train_stream[0])
+    grads = []
+
+    class GradSpy(ReplayPlugin):
+        def after_backward(self, strategy, **kwargs):
+            grads.append(sum(float(x.grad.abs().sum()) for x in strategy._rebasin.logits.logits))
+
+    strategy.plugins.append(GradSpy(mem_size=1))
+    strategy.train(bench.train_stream[1])
+    assert grads and all(g > 0 for g in grads)
+
+
+def test_tau_is_annealed_geometrically_over_the_experience():
+    torch.manual_seed(0)
+    bench = _benchmark()
+    strategy = _recorder(tau=1.0, tau_final=0.01, rebasin_epochs=2)
+    strategy.train(bench.train_stream[0])
+    strategy.train(bench.train_stream[1])
+    taus = strategy.taus
+    assert taus[0] == pytest.approx(1.0) and taus[-1] == pytest.approx(0.01)
+    ratios = [b / a for a, b in itertools.pairwise(taus)]
+    assert max(ratios) == pytest.approx(min(ratios)) and ratios[0] < 1  # geometric, decreasing
+
+
+def test_rebasin_steps_sets_the_step_budget_whatever_the_data_size():
+    torch.manual_seed(0)
+    bench = _benchmark()
+    strategy = _recorder(rebasin_steps=25, rebasin_epochs=1)
+    strategy.train(bench.train_stream[0])
+    batches_seen = []
+
+    class Count(ReplayPlugin):
+        def before_training_epoch(self, strategy, **kwargs):
+            batches_seen.append(len(strategy.dataloader))
+
+    strategy.plugins.append(Count(mem_size=1))
+    strategy.train(bench.train_stream[1])
+    per_epoch = batches_seen[0]
+    assert len(batches_seen) == -(-25 // per_epoch) and len(strategy.taus) >= 25
+    assert len(strategy.taus) == len(batches_seen) * per_epoch
+
+
+def test_unknown_preset_is_rejected_with_the_choices():
+    model = SimpleMLP(num_classes=N_CLASSES, input_size=16, hidden_size=8)
+    with pytest.raises(ValueError, match=r"unknown preset 'fast'.*consistent.*paper"):
+        RebasinStrategy.from_preset("fast", model=model, optimizer=torch.optim.SGD(model.parameters()))
