@@ -42,7 +42,8 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from .align import PermutationLogits
-from .permute import load_state_, model_state, permute_state, soft_permute_state
+from .matching import similarity_matrix
+from .permute import identity_permutation, load_state_, model_state, permute_state, soft_permute_state
 from .sinkhorn import permutation_matrix
 from .spec import PermutationSpec
 
@@ -185,6 +186,10 @@ class RebasinStrategy(SupervisedTemplate):
         straight_through: forward with the hard permutation ``P̂`` of the current logits,
             backward through the soft plan (``P̂ + P − stop_grad(P)``).
         perm_lr, perm_init_noise: Adam lr of the logits; std of their initial noise.
+        perm_init: ``"identity"`` (paper: ``X = I + noise``) or ``"similarity"``
+            (``X = C + noise`` with ``C_ij`` the cosine similarity of units ``i`` and ``j``
+            of ``θ_i``, all tensors of the group concatenated: the soft plan starts by
+            mixing units the model already treats alike; ``C_ii = 1``).
         delta_optimizer: ``"sgd"`` (paper) or ``"adam"`` for δ.
         delta_lr, delta_clip, delta_init_std: lr of δ (0 freezes it), its gradient
             clip (None: no clip), its initial std.
@@ -215,6 +220,7 @@ class RebasinStrategy(SupervisedTemplate):
         straight_through: bool = False,
         perm_lr: float = 0.1,
         perm_init_noise: float = 0.1,
+        perm_init: Literal["identity", "similarity"] = "identity",
         delta_optimizer: Literal["sgd", "adam"] = "sgd",
         delta_lr: float = 0.05,
         delta_clip: float | None = 1e-3,
@@ -242,6 +248,7 @@ class RebasinStrategy(SupervisedTemplate):
             rebasin_epochs=rebasin_epochs,
             rebasin_steps=rebasin_steps,
             perm_init_noise=perm_init_noise,
+            perm_init=perm_init,
             delta_init_std=delta_init_std,
             train_epochs=base_kwargs.get("train_epochs", 1),
         )
@@ -252,6 +259,7 @@ class RebasinStrategy(SupervisedTemplate):
         self.sinkhorn_iters = int(sinkhorn_iters)
         self.straight_through = bool(straight_through)
         self.perm_lr, self.perm_init_noise = float(perm_lr), float(perm_init_noise)
+        self.perm_init = perm_init
         self.delta_optimizer = delta_optimizer
         self.delta_lr, self.delta_clip = float(delta_lr), delta_clip
         self.delta_init_std = float(delta_init_std)
@@ -356,12 +364,22 @@ class RebasinStrategy(SupervisedTemplate):
         logits = None
         if self.use_permutation and len(spec):
             init = {
-                g: torch.eye(n) + self.perm_init_noise * torch.randn(n, n, generator=generator)
+                g: self._initial_logits(spec, theta, g, n)
+                + self.perm_init_noise * torch.randn(n, n, generator=generator)
                 for g, n in spec.group_sizes.items()
             }
             logits = PermutationLogits(spec, init).to(self.device)
             optimizers.insert(0, torch.optim.Adam(logits.parameters(), lr=self.perm_lr))
         return _ExperienceState(index, spec, theta, delta, logits, _JointOptimizer(optimizers))
+
+    def _initial_logits(self, spec: PermutationSpec, theta: dict[str, Tensor], group: str, n: int) -> Tensor:
+        if self.perm_init == "identity":
+            return torch.eye(n)
+        keys = [k for k in spec.axes if k in dict(self.model.named_parameters())]
+        identity = identity_permutation(spec, device=self.device)
+        gram = similarity_matrix(theta, theta, spec, identity, group, keys)
+        norms = gram.diagonal().clamp_min(1e-12).sqrt()
+        return (gram / norms[:, None] / norms[None, :]).float().cpu()
 
     # -- the training step ---------------------------------------------------------------------
     @property
@@ -540,6 +558,8 @@ def _check_hyperparameters(**values: Any) -> None:
             raise bad(name, "in [0, 1]")
     if values["tau_final"] is not None and not (finite(values["tau_final"]) and values["tau_final"] > 0):
         raise bad("tau_final", "None or > 0")
+    if values["perm_init"] not in ("identity", "similarity"):
+        raise bad("perm_init", "'identity' or 'similarity'")
     if values["delta_optimizer"] not in ("sgd", "adam"):
         raise bad("delta_optimizer", "'sgd' or 'adam'")
     if values["rebasin_steps"] is not None and not (

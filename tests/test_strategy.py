@@ -133,6 +133,7 @@ def test_alpha_zero_and_frozen_zero_delta_leave_model_unchanged():
         ({"tau_final": 0.0}, "tau_final"),
         ({"delta_optimizer": "rmsprop"}, "delta_optimizer"),
         ({"rebasin_steps": 0}, "rebasin_steps"),
+        ({"perm_init": "random"}, "perm_init"),
     ],
 )
 def test_invalid_hyperparameters_are_rejected(kwargs, word):
@@ -260,8 +261,18 @@ def _recorder(**kwargs) -> StepRecorder:
         {"preset": "paper", "tau_final": 0.05},
         {"preset": "paper", "delta_optimizer": "adam", "delta_lr": 1e-2, "delta_clip": None},
         {"preset": "paper", "rebasin_steps": 20},
+        {"preset": "consistent", "perm_init": "similarity"},
     ],
-    ids=["paper", "consistent", "consistent-nopermute", "train-alpha-none+st", "tau-final", "adam", "steps"],
+    ids=[
+        "paper",
+        "consistent",
+        "consistent-nopermute",
+        "train-alpha-none+st",
+        "tau-final",
+        "adam",
+        "steps",
+        "similarity-init",
+    ],
 )
 def test_presets_and_options_train_and_commit_formula(kwargs):
     torch.manual_seed(0)
@@ -368,3 +379,20 @@ def test_unknown_preset_is_rejected_with_the_choices():
     model = SimpleMLP(num_classes=N_CLASSES, input_size=16, hidden_size=8)
     with pytest.raises(ValueError, match=r"unknown preset 'fast'.*consistent.*paper"):
         RebasinStrategy.from_preset("fast", model=model, optimizer=torch.optim.SGD(model.parameters()))
+
+
+def test_similarity_init_starts_from_the_cosine_similarity_of_units():
+    torch.manual_seed(0)
+    bench = _benchmark()
+    strategy = _recorder(perm_init="similarity", perm_init_noise=0.0)
+    strategy.train(bench.train_stream[0])
+    w_in = strategy.model.features[0].weight.detach().clone()
+    b_in = strategy.model.features[0].bias.detach().clone()
+    w_out = strategy.model.classifier.weight.detach().clone()
+    units = torch.cat([w_in, b_in[:, None], w_out.T], dim=1)
+    units = units / units.norm(dim=1, keepdim=True)
+    expected = units @ units.T
+    strategy.experience = bench.train_stream[1]
+    state = strategy._start_experience()
+    (logits,) = state.logits.logits
+    torch.testing.assert_close(logits.detach(), expected, atol=1e-5, rtol=0)
