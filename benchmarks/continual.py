@@ -287,7 +287,10 @@ def run_one(name: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
 
 
 def summarize(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    lines = ["| strategy | accuracy % | forgetting | train s / exp | seeds |", "|---|---|---|---|---|"]
+    lines = [
+        "| strategy | accuracy % | forgetting | train s / exp | units moved / exp | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in args.strategies:
         runs = [r for r in records if r["strategy"] == name]
         if not runs:
@@ -299,7 +302,14 @@ def summarize(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
         def ms(v, fmt):
             return f"{statistics.mean(v):{fmt}} ± {statistics.stdev(v) if len(v) > 1 else 0.0:{fmt}}"
 
-        lines.append(f"| {name} | {ms(acc, '.2f')} | {ms(fgt, '.3f')} | {ms(sec, '.2f')} | {len(runs)} |")
+        reports = [rep for r in runs for rep in r.get("rebasin_reports", [])]
+        moved = "—"
+        if reports:
+            mean_moved = statistics.mean(rep["units_moved"] for rep in reports)
+            moved = f"{mean_moved:.1f} / {reports[0]['units_total']}"
+        lines.append(
+            f"| {name} | {ms(acc, '.2f')} | {ms(fgt, '.3f')} | {ms(sec, '.2f')} | {moved} | {len(runs)} |"
+        )
     return "\n".join(lines)
 
 
