@@ -396,3 +396,20 @@ def test_similarity_init_starts_from_the_cosine_similarity_of_units():
     state = strategy._start_experience()
     (logits,) = state.logits.logits
     torch.testing.assert_close(logits.detach(), expected, atol=1e-5, rtol=0)
+
+
+def test_alpha_one_commits_a_function_preserving_permutation():
+    """With α = 1 and δ = 0 the commit is π(θ): same function, so only 0 < α < 1 can change it."""
+    torch.manual_seed(0)
+    bench = _benchmark()
+    model = SimpleMLP(num_classes=N_CLASSES, input_size=16, hidden_size=32, drop_rate=0)
+    strategy = _strategy(model, alpha=1.0, delta_lr=0.0, delta_init_std=0.0, perm_init_noise=1.0)
+    strategy.train(bench.train_stream[0])
+    x = torch.randn(64, 16)
+    model.eval()
+    before, weights = model(x).detach(), model.features[0].weight.detach().clone()
+    strategy.train(bench.train_stream[1])
+    model.eval()
+    assert strategy.reports[-1].units_moved > 0
+    assert not torch.equal(model.features[0].weight, weights)
+    assert (model(x).detach() - before).abs().max() <= 1e-5
