@@ -12,8 +12,10 @@ the experience the hard permutation ``P̂`` (linear assignment on ``X``) is comm
 
     θ_{i+1} = (1 − α) θ_i + α π_P̂(θ_i) + δ
 
-(buffers such as BatchNorm statistics follow the same formula without ``δ``), before
-the evaluator runs. ``permute=False`` fixes ``P`` to the identity: the δ-only ablation.
+before the evaluator runs. BatchNorm running statistics are then re-estimated for
+``θ_{i+1}`` on the experience's training batches (replay included): statistics carried
+over from ``θ_i`` would not match the new weights (other buffers follow the formula
+without ``δ``). ``permute=False`` fixes ``P`` to the identity: the δ-only ablation.
 
 The published protocol trains the midpoint (weight ½) with the soft plan but commits
 weight α with the hard one. Options close that gap: ``train_alpha`` (the weight of
@@ -198,6 +200,9 @@ class RebasinStrategy(SupervisedTemplate):
         rebasin_steps: if set, overrides ``rebasin_epochs`` with as many epochs as it
             takes to make at least this many optimiser steps, whatever the data size.
         permute: False fixes the permutation to the identity (δ-only ablation).
+        bn_reestimate: re-estimate BatchNorm running statistics of the committed model
+            on the experience's training batches (one pass, cumulative average);
+            False commits ``(1 − α)·stats_i + α·π(stats_i)``.
         spec: a PermutationSpec; by default discovered from the model at every
             experience (so heads added by Avalanche's dynamic modules are included).
         seed: seeds the initial δ and logits of every experience.
@@ -228,6 +233,7 @@ class RebasinStrategy(SupervisedTemplate):
         rebasin_epochs: int = 5,
         rebasin_steps: int | None = None,
         permute: bool = True,
+        bn_reestimate: bool = True,
         spec: PermutationSpec | None = None,
         seed: int = 0,
         diagnostic_samples: int = 1000,
@@ -266,6 +272,7 @@ class RebasinStrategy(SupervisedTemplate):
         self.rebasin_epochs = int(rebasin_epochs)
         self.rebasin_steps = None if rebasin_steps is None else int(rebasin_steps)
         self.use_permutation = bool(permute)
+        self.bn_reestimate = bool(bn_reestimate)
         self.fixed_spec = spec
         self.seed = int(seed)
         self.diagnostic_samples = int(diagnostic_samples)
@@ -500,9 +507,41 @@ class RebasinStrategy(SupervisedTemplate):
                     "Lower delta_lr/perm_lr or check the data of this experience."
                 )
             committed[name] = new
+        if self.bn_reestimate:
+            committed = self._reestimate_batchnorm(committed)
         report = self._diagnose(st, hard, committed)
         load_state_(self.model, committed)
         self.reports.append(report)
+
+    def _reestimate_batchnorm(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``state`` with every BatchNorm's running statistics recomputed (momentum None,
+        train mode) over one pass of the training dataloader; functional, no gradients."""
+        norms = {
+            name: m
+            for name, m in self.model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        }
+        if not norms:
+            return state
+        state = dict(state)
+        for name in norms:
+            prefix = f"{name}." if name else ""
+            for key, fill in (("running_mean", 0.0), ("running_var", 1.0), ("num_batches_tracked", 0)):
+                state[prefix + key] = torch.full_like(state[prefix + key], fill)
+        momenta = {name: m.momentum for name, m in norms.items()}
+        was_training = self.model.training
+        try:
+            for m in norms.values():
+                m.momentum = None
+            self.model.train()
+            for batch in self.dataloader:
+                task = batch[2].to(self.device) if len(batch) > 2 else None
+                self._call(state, batch[0].to(self.device), task)
+        finally:
+            for name, m in norms.items():
+                m.momentum = momenta[name]
+            self.model.train(was_training)
+        return state
 
     def _diagnostic_batches(self) -> list[tuple[Tensor, Tensor, Tensor | None]]:
         dataset = self.experience.dataset

@@ -413,3 +413,27 @@ def test_alpha_one_commits_a_function_preserving_permutation():
     assert strategy.reports[-1].units_moved > 0
     assert not torch.equal(model.features[0].weight, weights)
     assert (model(x).detach() - before).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("reestimate", [True, False])
+def test_batchnorm_statistics_are_reestimated_for_the_committed_weights(reestimate):
+    torch.manual_seed(0)
+    bench = _benchmark(image=True)
+    model = SmallCNN()
+    strategy = _strategy(
+        model, cls=RecordingRebasin, train_mb_size=1000, bn_reestimate=reestimate, delta_lr=0.0, alpha=0.5
+    )
+    strategy.train(bench.train_stream[0])
+    strategy.train(bench.train_stream[1])
+    theta, hard, _, spec = strategy.recorded
+    x = torch.stack([bench.train_stream[1].dataset[i][0] for i in range(len(bench.train_stream[1].dataset))])
+    with torch.no_grad():
+        features = model.conv1(x)  # the committed first conv: one batch holds the whole experience
+    if reestimate:
+        torch.testing.assert_close(model.bn1.running_mean, features.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
+        var = features.transpose(0, 1).reshape(8, -1).var(1, unbiased=True)
+        torch.testing.assert_close(model.bn1.running_var, var, atol=1e-4, rtol=1e-4)
+    else:
+        permuted = permute_state(theta, spec, hard)
+        expected = 0.5 * theta["bn1.running_mean"] + 0.5 * permuted["bn1.running_mean"]
+        torch.testing.assert_close(model.bn1.running_mean, expected)
