@@ -373,6 +373,7 @@ def plot(records: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> 
     fig.savefig(out / "accuracy_curve.png", dpi=120)
     plt.close(fig)
     names = [n for n in args.strategies if any(r["strategy"] == n for r in records)]
+    plot_tradeoff(records, names, args, out)
     fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3), squeeze=False)
     for ax, name in zip(axes[0], names):
         run = next(r for r in records if r["strategy"] == name)
@@ -387,6 +388,40 @@ def plot(records: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> 
     fig.suptitle(f"Accuracy matrix (seed {records[0]['seed']})")
     fig.tight_layout()
     fig.savefig(out / "accuracy_matrix.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_tradeoff(
+    records: list[dict[str, Any]], names: list[str], args: argparse.Namespace, out: Path
+) -> None:
+    """Final accuracy against final forgetting, mean ± std over seeds, one point per strategy."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for i, name in enumerate(names):
+        runs = [r for r in records if r["strategy"] == name]
+        acc = [100 * r["final_acc"] for r in runs]
+        fgt = [r["final_forgetting"] for r in runs]
+        marker = "o" if name.startswith("rebasin") and "nopermute" not in name else "s"
+        ax.errorbar(
+            statistics.mean(fgt),
+            statistics.mean(acc),
+            xerr=statistics.stdev(fgt) if len(fgt) > 1 else 0,
+            yerr=statistics.stdev(acc) if len(acc) > 1 else 0,
+            fmt=marker,
+            color=plt.cm.tab20(i % 20),
+            label=name,
+            capsize=2,
+        )
+    ax.set_xlabel("average forgetting (lower is better)")
+    ax.set_ylabel("final stream accuracy % (higher is better)")
+    seeds = sorted({r["seed"] for r in records})
+    title = f"{args.benchmark}: accuracy vs forgetting (seeds {seeds}; ● uses a permutation)"
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_forgetting.png", dpi=120)
     plt.close(fig)
 
 
