@@ -53,11 +53,13 @@ __all__ = ["PRESETS", "ExperienceReport", "RebasinStrategy"]
 
 #: Named settings for :meth:`RebasinStrategy.from_preset` (keyword arguments of the constructor).
 #: ``paper``: the authors' Rotated-MNIST protocol, the constructor's defaults.
-#: ``consistent``: trains what is committed — weight α = 0.2 on ``π(θ)`` in training too,
-#: the hard permutation in the forward (straight-through) — and gives δ an Adam budget
-#: (lr 1e-3, no clip) that does not starve on small data sets.
+#: ``midpoint``: the paper's training (soft plan, midpoint ``(θ + π_P(θ))/2 + δ``) with δ
+#: given an Adam budget (lr 1e-3, no clip) that does not starve on small data sets.
+#: ``consistent``: the same δ budget, and trains what is committed — weight α = 0.2 on
+#: ``π(θ)`` in training too, the hard permutation in the forward (straight-through).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
+    "midpoint": {"delta_optimizer": "adam", "delta_lr": 1e-3, "delta_clip": None},
     "consistent": {
         "train_alpha": 0.2,
         "straight_through": True,

@@ -255,6 +255,7 @@ def _recorder(**kwargs) -> StepRecorder:
     "kwargs",
     [
         {"preset": "paper"},
+        {"preset": "midpoint"},
         {"preset": "consistent"},
         {"preset": "consistent", "permute": False},
         {"preset": "paper", "train_alpha": None, "straight_through": True},
@@ -265,6 +266,7 @@ def _recorder(**kwargs) -> StepRecorder:
     ],
     ids=[
         "paper",
+        "midpoint",
         "consistent",
         "consistent-nopermute",
         "train-alpha-none+st",
@@ -377,7 +379,7 @@ def test_rebasin_steps_sets_the_step_budget_whatever_the_data_size():
 
 def test_unknown_preset_is_rejected_with_the_choices():
     model = SimpleMLP(num_classes=N_CLASSES, input_size=16, hidden_size=8)
-    with pytest.raises(ValueError, match=r"unknown preset 'fast'.*consistent.*paper"):
+    with pytest.raises(ValueError, match=r"unknown preset 'fast'.*consistent.*midpoint.*paper"):
         RebasinStrategy.from_preset("fast", model=model, optimizer=torch.optim.SGD(model.parameters()))
 
 
