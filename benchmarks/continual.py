@@ -64,6 +64,8 @@ STRATEGIES = [
     "rebasin-nopermute",
     "joint",
 ]
+# The default run: every base strategy, and Re-basin also under the improved presets.
+DEFAULT_STRATEGIES = [*STRATEGIES[:-1], "rebasin:midpoint", "rebasin:consistent", STRATEGIES[-1]]
 REBASIN_FAMILY = ("rebasin", "rebasin-noreplay", "rebasin-nopermute")
 MODELS = ("mlp1", "mlp2", "mlp3", "cnn")
 PAPER_ROTATED = {
@@ -465,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--strategies",
         nargs="+",
-        default=STRATEGIES,
+        default=DEFAULT_STRATEGIES,
         metavar="NAME[:PRESET][+key=value]",
         help=f"from {STRATEGIES}; rebasin* take a preset from {sorted(PRESETS)} and overrides",
     )

@@ -32,6 +32,8 @@ def test_quick_comparison_runs_offline_and_writes_results(tmp_path):
         "rebasin",
         "rebasin-noreplay",
         "rebasin-nopermute",
+        "rebasin:midpoint",
+        "rebasin:consistent",
         "joint",
     } <= names
     for run in runs:
