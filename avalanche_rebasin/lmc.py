@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,30 +38,45 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, lam: float) -> nn.Module
 
 
 @torch.no_grad()
-def reestimate_batchnorm(model: nn.Module, data: Iterable, *, max_batches: int | None = None) -> nn.Module:
+def reestimate_batchnorm(
+    model: nn.Module,
+    data: Iterable,
+    *,
+    max_batches: int | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> nn.Module:
     """Reset and re-estimate every BatchNorm's running statistics on ``data`` (in place).
 
     Uses a cumulative average over the batches (``momentum=None``); ``data`` yields
-    ``x`` or ``(x, y, ...)``. Restores the model's mode and momenta; returns ``model``.
+    ``x`` or ``(x, y, ...)``, fed as ``model(x)`` unless ``forward(model, batch)`` is
+    given (e.g. to pass task labels). Restores the model's mode and momenta, also on
+    error; returns ``model``.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return model
     was_training = model.training
     momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
     device = next(model.parameters()).device
-    for i, batch in enumerate(data):
-        if max_batches is not None and i >= max_batches:
-            break
+
+    def default_forward(module: nn.Module, batch: Any) -> Any:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        model(x.to(device))
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    model.train(was_training)
+        return module(x.to(device))
+
+    forward = forward or default_forward
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        for i, batch in enumerate(data):
+            if max_batches is not None and i >= max_batches:
+                break
+            forward(model, batch)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
     return model
 
 

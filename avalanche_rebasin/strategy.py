@@ -44,6 +44,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from .align import PermutationLogits
+from .lmc import reestimate_batchnorm
 from .matching import similarity_matrix
 from .permute import identity_permutation, load_state_, model_state, permute_state, soft_permute_state
 from .sinkhorn import permutation_matrix
@@ -384,7 +385,8 @@ class RebasinStrategy(SupervisedTemplate):
     def _initial_logits(self, spec: PermutationSpec, theta: dict[str, Tensor], group: str, n: int) -> Tensor:
         if self.perm_init == "identity":
             return torch.eye(n)
-        keys = [k for k in spec.axes if k in dict(self.model.named_parameters())]
+        parameters = {name for name, _ in self.model.named_parameters()}
+        keys = [k for k in spec.axes if k in parameters]
         identity = identity_permutation(spec, device=self.device)
         gram = similarity_matrix(theta, theta, spec, identity, group, keys)
         norms = gram.diagonal().clamp_min(1e-12).sqrt()
@@ -509,41 +511,21 @@ class RebasinStrategy(SupervisedTemplate):
                     "Lower delta_lr/perm_lr or check the data of this experience."
                 )
             committed[name] = new
-        if self.bn_reestimate:
-            committed = self._reestimate_batchnorm(committed)
-        report = self._diagnose(st, hard, committed)
         load_state_(self.model, committed)
-        self.reports.append(report)
-
-    def _reestimate_batchnorm(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``state`` with every BatchNorm's running statistics recomputed (momentum None,
-        train mode) over one pass of the training dataloader; functional, no gradients."""
-        norms = {
-            name: m
-            for name, m in self.model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-        }
-        if not norms:
-            return state
-        state = dict(state)
-        for name in norms:
-            prefix = f"{name}." if name else ""
-            for key, fill in (("running_mean", 0.0), ("running_var", 1.0), ("num_batches_tracked", 0)):
-                state[prefix + key] = torch.full_like(state[prefix + key], fill)
-        momenta = {name: m.momentum for name, m in norms.items()}
-        was_training = self.model.training
         try:
-            for m in norms.values():
-                m.momentum = None
-            self.model.train()
-            for batch in self.dataloader:
-                task = batch[2].to(self.device) if len(batch) > 2 else None
-                self._call(state, batch[0].to(self.device), task)
-        finally:
-            for name, m in norms.items():
-                m.momentum = momenta[name]
-            self.model.train(was_training)
-        return state
+            if self.bn_reestimate:
+                reestimate_batchnorm(self.model, self.dataloader, forward=self._forward_batch)
+            self.reports.append(self._diagnose(st, hard, model_state(self.model)))
+        except BaseException:
+            load_state_(self.model, st.theta)  # the model keeps θ_i
+            raise
+
+    def _forward_batch(self, model: nn.Module, batch: Any) -> Tensor:
+        """The model on an Avalanche minibatch ``[x, y, task]`` (task labels if multi-task)."""
+        x = batch[0].to(self.device)
+        if isinstance(model, MultiTaskModule):
+            return model(x, batch[2].to(self.device))
+        return model(x)
 
     def _diagnostic_batches(self) -> list[tuple[Tensor, Tensor, Tensor | None]]:
         dataset = self.experience.dataset

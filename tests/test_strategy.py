@@ -439,3 +439,21 @@ def test_batchnorm_statistics_are_reestimated_for_the_committed_weights(reestima
         permuted = permute_state(theta, spec, hard)
         expected = 0.5 * theta["bn1.running_mean"] + 0.5 * permuted["bn1.running_mean"]
         torch.testing.assert_close(model.bn1.running_mean, expected)
+
+
+def test_an_error_while_reestimating_batchnorm_keeps_the_previous_weights():
+    class Failing(RebasinStrategy):
+        def _forward_batch(self, model, batch):
+            raise RuntimeError("data source broke")
+
+    torch.manual_seed(0)
+    bench = _benchmark(image=True)
+    model = SmallCNN()
+    strategy = _strategy(model, cls=Failing)
+    strategy.train(bench.train_stream[0])
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="data source broke"):
+        strategy.train(bench.train_stream[1])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, kept[k]), k
+    assert model.bn1.momentum == 0.1 and not strategy.rebasin_active
