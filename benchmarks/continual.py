@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import digits_cnn
 from embedded_mnist import prepare_embedded_mnist
 
 warnings.filterwarnings("ignore")
@@ -65,8 +66,15 @@ STRATEGIES = [
     "joint",
 ]
 # The default run: every base strategy, and Re-basin also under the improved presets.
-DEFAULT_STRATEGIES = [*STRATEGIES[:-1], "rebasin:midpoint", "rebasin:consistent", STRATEGIES[-1]]
+DEFAULT_STRATEGIES = [
+    *(name for name in STRATEGIES if name != "joint"),
+    "rebasin:midpoint",
+    "rebasin:consistent",
+    "joint",
+]
 REBASIN_FAMILY = ("rebasin", "rebasin-noreplay", "rebasin-nopermute")
+# RebasinStrategy arguments that the strategy name or the harness sets.
+RESERVED_OVERRIDES = ("model", "optimizer", "plugins", "permute", "seed")
 MODELS = ("mlp1", "mlp2", "mlp3", "cnn")
 PAPER_ROTATED = {
     "naive": (46.28, 0.52),
@@ -97,6 +105,11 @@ def parse_strategy(token: str) -> tuple[str, dict[str, Any]]:
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"{token!r}: override {item!r} is not key=value")
+        if key in RESERVED_OVERRIDES:
+            raise ValueError(
+                f"{token!r}: {key!r} is set by the harness "
+                "(use rebasin-nopermute / rebasin-noreplay / --seeds)"
+            )
         try:
             kwargs[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -130,27 +143,11 @@ def make_benchmark(args: argparse.Namespace, seed: int):
     ), 100
 
 
-class SmallCNN(nn.Module):
-    """Two 3×3 conv–BN–ReLU–pool blocks (16, 32 channels) and a linear head, for 28×28 digits."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-
-        def block(c_in: int, c_out: int) -> list[nn.Module]:
-            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
-
-        self.features = nn.Sequential(*block(1, 16), *block(16, 32), nn.Flatten())
-        self.classifier = nn.Linear(32 * 7 * 7, num_classes)
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
-
-
 def make_model(args: argparse.Namespace, n_classes: int) -> nn.Module:
     if args.benchmark == "split-cifar100":
         return SlimResNet18(nclasses=n_classes)
     if args.model == "cnn":
-        return SmallCNN(n_classes)
+        return digits_cnn(n_classes)
     return SimpleMLP(
         num_classes=n_classes,
         input_size=28 * 28,
@@ -404,7 +401,7 @@ def plot_tradeoff(
         runs = [r for r in records if r["strategy"] == name]
         acc = [100 * r["final_acc"] for r in runs]
         fgt = [r["final_forgetting"] for r in runs]
-        marker = "o" if name.startswith("rebasin") and "nopermute" not in name else "s"
+        marker = "o" if parse_strategy(name)[0] in ("rebasin", "rebasin-noreplay") else "s"
         ax.errorbar(
             statistics.mean(fgt),
             statistics.mean(acc),

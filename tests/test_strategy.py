@@ -43,12 +43,15 @@ def _evaluator():
     )
 
 
-def _strategy(model, cls=RebasinStrategy, **kwargs) -> RebasinStrategy:
+def _strategy(model, cls=RebasinStrategy, preset: str | None = None, **kwargs) -> RebasinStrategy:
     defaults = dict(
         train_mb_size=32, train_epochs=1, rebasin_epochs=1, eval_mb_size=64, evaluator=_evaluator(), seed=0
     )
     defaults.update(kwargs)
-    return cls(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), **defaults)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if preset is not None:
+        return cls.from_preset(preset, model=model, optimizer=optimizer, **defaults)
+    return cls(model=model, optimizer=optimizer, **defaults)
 
 
 def _stream_accuracy(results: dict) -> float:
@@ -282,17 +285,8 @@ def test_presets_and_options_train_and_commit_formula(kwargs):
     preset = kwargs.pop("preset")
     bench = _benchmark()
     model = SimpleMLP(num_classes=N_CLASSES, input_size=16, hidden_size=32, drop_rate=0)
-    strategy = RecordingRebasin.from_preset(
-        preset,
-        model=model,
-        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-        train_mb_size=32,
-        train_epochs=1,
-        rebasin_epochs=1,
-        eval_mb_size=64,
-        evaluator=_evaluator(),
-        plugins=[ReplayPlugin(mem_size=30)],
-        **kwargs,
+    strategy = _strategy(
+        model, cls=RecordingRebasin, preset=preset, plugins=[ReplayPlugin(mem_size=30)], **kwargs
     )
     for key, value in {**PRESETS[preset], **kwargs}.items():
         if key != "train_alpha" or value is not None:
