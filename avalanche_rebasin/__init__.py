@@ -1,10 +1,15 @@
 """Re-basin via implicit Sinkhorn differentiation, for PyTorch and Avalanche.
 
-The core (everything importable from here) does not depend on Avalanche; the
-Avalanche strategy lives in :mod:`avalanche_rebasin.strategy`.
+The core does not depend on Avalanche. ``RebasinStrategy`` and ``RebasinPlugin`` (the
+Avalanche adapter, :mod:`avalanche_rebasin.strategy`) are imported from here on first use,
+so ``import avalanche_rebasin`` alone does not import Avalanche.
 """
 
+from typing import Any
+
 from .align import AlignResult, PermutationLogits, align
+from .continual import ExperienceReport, RebasinNetwork
+from .continual_config import PRESETS, RebasinConfig
 from .costs import (
     CosineCost,
     L1Cost,
@@ -16,6 +21,7 @@ from .costs import (
     interpolate_state,
 )
 from .discovery import UnsupportedOperationError, discover_spec, register_rule
+from .grouped_optimizer import GroupedOptimizer
 from .lmc import LMCCurve, barrier_and_auc, interpolate, lmc_curve, reestimate_batchnorm
 from .matching import weight_matching
 from .permute import (
@@ -33,9 +39,12 @@ from .spec import AxisPermutation, PermutationSpec
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRESETS",
     "AlignResult",
     "AxisPermutation",
     "CosineCost",
+    "ExperienceReport",
+    "GroupedOptimizer",
     "L1Cost",
     "L2Cost",
     "LMCCurve",
@@ -43,6 +52,10 @@ __all__ = [
     "PermutationLogits",
     "PermutationSpec",
     "RandomPointCost",
+    "RebasinConfig",
+    "RebasinNetwork",
+    "RebasinPlugin",
+    "RebasinStrategy",
     "Sinkhorn",
     "UnsupportedOperationError",
     "align",
@@ -67,3 +80,15 @@ __all__ = [
     "soft_permute_state",
     "weight_matching",
 ]
+
+
+_AVALANCHE_EXPORTS = {"RebasinStrategy": "strategy", "RebasinPlugin": "plugin"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the Avalanche adapter only when it is asked for."""
+    if name in _AVALANCHE_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_AVALANCHE_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

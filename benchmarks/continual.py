@@ -100,7 +100,8 @@ def parse_strategy(token: str) -> tuple[str, dict[str, Any]]:
     preset = preset or "paper"
     if preset not in PRESETS:
         raise ValueError(f"{token!r}: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    kwargs = dict(PRESETS[preset])
+    # Every strategy gets the harness's --epochs (equal budgets), unless a token overrides it.
+    kwargs = {k: v for k, v in PRESETS[preset].items() if k != "rebasin_epochs"}
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq:
@@ -208,6 +209,7 @@ def build(token: str, args: argparse.Namespace, n_classes: int, seed: int, evalu
     if name.startswith("rebasin"):
         plugins = [] if name == "rebasin-noreplay" else [replay_plugin(args, n_classes)]
         rebasin_kwargs.setdefault("rebasin_epochs", args.epochs)
+        rebasin_kwargs.setdefault("diagnostic_samples", 1000)  # the per-experience accuracy columns
         return RebasinStrategy(
             model=model,
             optimizer=adamw,

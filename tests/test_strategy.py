@@ -11,10 +11,10 @@ from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dat
 from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
 from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
 from avalanche.models import MTSimpleMLP, SimpleMLP
-from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin, ReplayPlugin
+from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin, ReplayPlugin, SupervisedPlugin
 from rebasin_testkit import SmallCNN
 
-from avalanche_rebasin import permute_state
+from avalanche_rebasin import PermutationSpec, RebasinNetwork, permute_state
 from avalanche_rebasin.strategy import PRESETS, RebasinStrategy
 
 N_CLASSES = 6
@@ -43,34 +43,41 @@ def _evaluator():
     )
 
 
-def _strategy(model, cls=RebasinStrategy, preset: str | None = None, **kwargs) -> RebasinStrategy:
+def _strategy(model, preset: str | None = None, **kwargs) -> RebasinStrategy:
     defaults = dict(
         train_mb_size=32, train_epochs=1, rebasin_epochs=1, eval_mb_size=64, evaluator=_evaluator(), seed=0
     )
     defaults.update(kwargs)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     if preset is not None:
-        return cls.from_preset(preset, model=model, optimizer=optimizer, **defaults)
-    return cls(model=model, optimizer=optimizer, **defaults)
+        return RebasinStrategy.from_preset(preset, model=model, optimizer=optimizer, **defaults)
+    return RebasinStrategy(model=model, optimizer=optimizer, **defaults)
 
 
 def _stream_accuracy(results: dict) -> float:
     return next(v for k, v in results.items() if k.startswith("Top1_Acc_Stream/eval_phase/test_stream"))
 
 
-class RecordingRebasin(RebasinStrategy):
-    """Keeps what went into each commit so the test can recompute the formula."""
+class CommitRecorder(SupervisedPlugin):
+    """Keeps what goes into each commit (θ_i, P̂, δ, spec) so a test can recompute the formula."""
 
-    def _commit(self):
-        st = self._rebasin
-        hard = st.logits.hard() if st.logits is not None else None
-        self.recorded = (
-            {k: v.clone() for k, v in st.theta.items()},
-            hard,
-            {k: v.detach().clone() for k, v in st.delta.items()},
-            st.spec,
-        )
-        super()._commit()
+    def __init__(self) -> None:
+        super().__init__()
+        self.recorded = None
+
+    def after_training_epoch(self, strategy, **kwargs):
+        net = strategy.rebasin.network
+        if net is not None:
+            hard = net.permutation.hard() if net.permutation is not None else None
+            theta = {k: v.clone() for k, v in net.theta_state().items()}
+            delta = {k: v.detach().clone() for k, v in net.delta_state().items()}
+            self.recorded = (theta, hard, delta, net.spec)
+
+
+def _recording(model, plugins=(), **kwargs):
+    recorder = CommitRecorder()
+    strategy = _strategy(model, plugins=[*plugins, recorder], **kwargs)
+    return strategy, recorder
 
 
 @pytest.mark.parametrize(
@@ -86,13 +93,13 @@ def test_trains_evaluates_and_commits_formula(make_model, task_labels, image):
     torch.manual_seed(0)
     bench = _benchmark(task_labels=task_labels, image=image)
     model = make_model()
-    strategy = _strategy(model, cls=RecordingRebasin, plugins=[ReplayPlugin(mem_size=30)], alpha=0.3)
+    strategy, recorder = _recording(model, plugins=[ReplayPlugin(mem_size=30)], alpha=0.3)
     for exp in bench.train_stream:
         strategy.train(exp)
         results = strategy.eval(bench.test_stream)
         if exp.current_experience == 0:
             continue
-        theta, hard, delta, spec = strategy.recorded
+        theta, hard, delta, spec = recorder.recorded
         permuted = permute_state(theta, spec, hard)
         state = dict(model.named_parameters())
         for name, value in theta.items():
@@ -205,7 +212,7 @@ def test_checkpoint_resume_gives_same_final_metrics(tmp_path, stop_after):
     assert resumed == uninterrupted
 
 
-def test_lr_scheduler_plugin_composes_and_keeps_rebasin_learning_rates():
+def test_lr_scheduler_plugin_schedules_every_experience_and_hands_the_optimizer_back():
     torch.manual_seed(0)
     bench = _benchmark()
     model = SimpleMLP(num_classes=N_CLASSES, input_size=16, hidden_size=32, drop_rate=0)
@@ -224,34 +231,40 @@ def test_lr_scheduler_plugin_composes_and_keeps_rebasin_learning_rates():
     )
     seen = []
 
-    class Spy(ReplayPlugin):
+    class Spy(SupervisedPlugin):
         def after_training_epoch(self, strategy, **kwargs):
             seen.append([g["lr"] for g in strategy.optimizer.param_groups])
 
-    strategy.plugins.append(Spy(mem_size=10))
+    strategy.plugins.append(Spy())
     for exp in bench.train_stream:
         strategy.train(exp)
     assert seen[:2] == [[0.05], [0.025]]  # the scheduler steps the first experience
-    assert opt.param_groups[0]["lr"] == 0.1  # and resets it after each experience
-    assert all(lrs == [0.1, 0.05] for lrs in seen[2:])  # logits (Adam) and δ (SGD) untouched
+    # then the δ/logit optimiser of each re-basin experience: logits (Adam 0.1) and δ (SGD 0.05)
+    assert seen[2:4] == seen[4:6] == [[0.05, 0.025], [0.025, 0.0125]]
+    assert opt.param_groups[0]["lr"] == 0.1 and strategy.optimizer is opt  # handed back and reset
+    assert sched.scheduler.optimizer is opt
 
 
-class StepRecorder(RecordingRebasin):
-    """Also records τ and the trained model's weights at every step."""
+class StepRecorder(CommitRecorder):
+    """Also records τ, the trained network's weights and P̂ before every training step."""
 
-    def forward(self):
-        if self.rebasin_active:
-            self.taus.append(self.current_tau)
-            self.merged.append({k: v.detach().clone() for k, v in self._merged_state().items()})
-            self.hards.append(self._rebasin.logits.hard() if self._rebasin.logits is not None else None)
-        return super().forward()
+    def __init__(self) -> None:
+        super().__init__()
+        self.taus, self.merged, self.hards = [], [], []
+
+    def before_forward(self, strategy, **kwargs):
+        net = strategy.rebasin.network
+        if net is not None and strategy.is_training:
+            self.taus.append(net.tau)
+            self.merged.append({k: v.detach().clone() for k, v in net.trained_state().items()})
+            self.hards.append(net.permutation.hard() if net.permutation is not None else None)
 
 
-def _recorder(**kwargs) -> StepRecorder:
+def _recorder(**kwargs) -> tuple[RebasinStrategy, StepRecorder]:
     model = SimpleMLP(num_classes=N_CLASSES, input_size=16, hidden_size=32, drop_rate=0)
-    strategy = _strategy(model, cls=StepRecorder, plugins=[ReplayPlugin(mem_size=30)], **kwargs)
-    strategy.taus, strategy.merged, strategy.hards = [], [], []
-    return strategy
+    recorder = StepRecorder()
+    strategy = _strategy(model, plugins=[ReplayPlugin(mem_size=30), recorder], **kwargs)
+    return strategy, recorder
 
 
 @pytest.mark.parametrize(
@@ -285,21 +298,22 @@ def test_presets_and_options_train_and_commit_formula(kwargs):
     preset = kwargs.pop("preset")
     bench = _benchmark()
     model = SimpleMLP(num_classes=N_CLASSES, input_size=16, hidden_size=32, drop_rate=0)
-    strategy = _strategy(
-        model, cls=RecordingRebasin, preset=preset, plugins=[ReplayPlugin(mem_size=30)], **kwargs
-    )
+    recorder = CommitRecorder()
+    strategy = _strategy(model, preset=preset, plugins=[ReplayPlugin(mem_size=30), recorder], **kwargs)
     for key, value in {**PRESETS[preset], **kwargs}.items():
-        if key != "train_alpha" or value is not None:
-            assert getattr(strategy, "use_permutation" if key == "permute" else key) == value, key
+        if key == "rebasin_epochs":
+            assert strategy.config.rebasin_epochs == 1  # _strategy's override wins over the preset's 5
+        elif key != "train_alpha" or value is not None:
+            assert getattr(strategy.config, key) == value, key
     for exp in bench.train_stream:
         strategy.train(exp)
         results = strategy.eval(bench.test_stream)
         if exp.current_experience == 0:
             continue
-        theta, hard, delta, spec = strategy.recorded
+        theta, hard, delta, spec = recorder.recorded
         assert (hard is None) == (kwargs.get("permute") is False)
         permuted = permute_state(theta, spec, hard) if hard is not None else theta
-        a = strategy.alpha
+        a = strategy.config.alpha
         for name, value in model.named_parameters():
             expected = (1 - a) * theta[name] + a * permuted[name] + delta[name]
             torch.testing.assert_close(value.detach(), expected, rtol=1e-6, atol=1e-6)
@@ -311,32 +325,32 @@ def test_presets_and_options_train_and_commit_formula(kwargs):
 def test_straight_through_trains_the_hard_permutation_and_moves_the_logits():
     torch.manual_seed(0)
     bench = _benchmark()
-    strategy = _recorder(train_alpha=0.3, straight_through=True, perm_init_noise=1.0, delta_init_std=0.0)
+    strategy, rec = _recorder(train_alpha=0.3, straight_through=True, perm_init_noise=1.0, delta_init_std=0.0)
     strategy.train(bench.train_stream[0])
     strategy.train(bench.train_stream[1])
-    theta, _, _, spec = strategy.recorded
-    first, hard = strategy.merged[0], strategy.hards[0]  # δ is exactly 0 at the first step
+    theta, _, _, spec = rec.recorded
+    first, hard = rec.merged[0], rec.hards[0]  # δ is exactly 0 at the first step
     assert any(bool((h != torch.arange(len(h))).any()) for h in hard.values())
     permuted = permute_state(theta, spec, hard)
     for name in first:
         torch.testing.assert_close(first[name], 0.7 * theta[name] + 0.3 * permuted[name], atol=1e-6, rtol=0)
-    initial = strategy.merged[0]["features.0.weight"]
-    later = strategy.merged[-1]["features.0.weight"]
+    initial = rec.merged[0]["features.0.weight"]
+    later = rec.merged[-1]["features.0.weight"]
     assert not torch.equal(initial, later)
 
 
 def test_soft_gradient_reaches_logits_through_straight_through():
     torch.manual_seed(0)
     bench = _benchmark()
-    strategy = _recorder(straight_through=True, delta_lr=0.0)
+    strategy, _ = _recorder(straight_through=True, delta_lr=0.0)
     strategy.train(bench.train_stream[0])
     grads = []
 
-    class GradSpy(ReplayPlugin):
+    class GradSpy(SupervisedPlugin):
         def after_backward(self, strategy, **kwargs):
-            grads.append(sum(float(x.grad.abs().sum()) for x in strategy._rebasin.logits.logits))
+            grads.append(sum(float(x.grad.abs().sum()) for x in strategy.rebasin.network.permutation.logits))
 
-    strategy.plugins.append(GradSpy(mem_size=1))
+    strategy.plugins.append(GradSpy())
     strategy.train(bench.train_stream[1])
     assert grads and all(g > 0 for g in grads)
 
@@ -344,10 +358,10 @@ def test_soft_gradient_reaches_logits_through_straight_through():
 def test_tau_is_annealed_geometrically_over_the_experience():
     torch.manual_seed(0)
     bench = _benchmark()
-    strategy = _recorder(tau=1.0, tau_final=0.01, rebasin_epochs=2)
+    strategy, rec = _recorder(tau=1.0, tau_final=0.01, rebasin_epochs=2)
     strategy.train(bench.train_stream[0])
     strategy.train(bench.train_stream[1])
-    taus = strategy.taus
+    taus = rec.taus
     assert taus[0] == pytest.approx(1.0) and taus[-1] == pytest.approx(0.01)
     ratios = [b / a for a, b in itertools.pairwise(taus)]
     assert max(ratios) == pytest.approx(min(ratios)) and ratios[0] < 1  # geometric, decreasing
@@ -356,19 +370,19 @@ def test_tau_is_annealed_geometrically_over_the_experience():
 def test_rebasin_steps_sets_the_step_budget_whatever_the_data_size():
     torch.manual_seed(0)
     bench = _benchmark()
-    strategy = _recorder(rebasin_steps=25, rebasin_epochs=1)
+    strategy, rec = _recorder(rebasin_steps=25, rebasin_epochs=1)
     strategy.train(bench.train_stream[0])
     batches_seen = []
 
-    class Count(ReplayPlugin):
+    class Count(SupervisedPlugin):
         def before_training_epoch(self, strategy, **kwargs):
             batches_seen.append(len(strategy.dataloader))
 
-    strategy.plugins.append(Count(mem_size=1))
+    strategy.plugins.append(Count())
     strategy.train(bench.train_stream[1])
     per_epoch = batches_seen[0]
-    assert len(batches_seen) == -(-25 // per_epoch) and len(strategy.taus) >= 25
-    assert len(strategy.taus) == len(batches_seen) * per_epoch
+    assert len(batches_seen) == -(-25 // per_epoch) and len(rec.taus) >= 25
+    assert len(rec.taus) == len(batches_seen) * per_epoch
 
 
 def test_unknown_preset_is_rejected_with_the_choices():
@@ -380,7 +394,7 @@ def test_unknown_preset_is_rejected_with_the_choices():
 def test_similarity_init_starts_from_the_cosine_similarity_of_units():
     torch.manual_seed(0)
     bench = _benchmark()
-    strategy = _recorder(perm_init="similarity", perm_init_noise=0.0)
+    strategy, _ = _recorder(perm_init="similarity", perm_init_noise=0.0)
     strategy.train(bench.train_stream[0])
     w_in = strategy.model.features[0].weight.detach().clone()
     b_in = strategy.model.features[0].bias.detach().clone()
@@ -388,9 +402,9 @@ def test_similarity_init_starts_from_the_cosine_similarity_of_units():
     units = torch.cat([w_in, b_in[:, None], w_out.T], dim=1)
     units = units / units.norm(dim=1, keepdim=True)
     expected = units @ units.T
-    strategy.experience = bench.train_stream[1]
-    state = strategy._start_experience()
-    (logits,) = state.logits.logits
+    spec = PermutationSpec.from_model(strategy.model, torch.zeros(1, 16))
+    net = RebasinNetwork(strategy.model, spec, strategy.config, experience=1)
+    (logits,) = net.permutation.logits
     torch.testing.assert_close(logits.detach(), expected, atol=1e-5, rtol=0)
 
 
@@ -416,12 +430,12 @@ def test_batchnorm_statistics_are_reestimated_for_the_committed_weights(reestima
     torch.manual_seed(0)
     bench = _benchmark(image=True)
     model = SmallCNN()
-    strategy = _strategy(
-        model, cls=RecordingRebasin, train_mb_size=1000, bn_reestimate=reestimate, delta_lr=0.0, alpha=0.5
+    strategy, recorder = _recording(
+        model, train_mb_size=1000, bn_reestimate=reestimate, delta_lr=0.0, alpha=0.5
     )
     strategy.train(bench.train_stream[0])
     strategy.train(bench.train_stream[1])
-    theta, hard, _, spec = strategy.recorded
+    theta, hard, _, spec = recorder.recorded
     x = torch.stack([bench.train_stream[1].dataset[i][0] for i in range(len(bench.train_stream[1].dataset))])
     with torch.no_grad():
         features = model.conv1(x)  # the committed first conv: one batch holds the whole experience
@@ -435,19 +449,19 @@ def test_batchnorm_statistics_are_reestimated_for_the_committed_weights(reestima
         torch.testing.assert_close(model.bn1.running_mean, expected)
 
 
-def test_an_error_while_reestimating_batchnorm_keeps_the_previous_weights():
-    class Failing(RebasinStrategy):
-        def _forward_batch(self, model, batch):
-            raise RuntimeError("data source broke")
+def test_an_error_while_reestimating_batchnorm_keeps_the_previous_weights(monkeypatch):
+    def failing(*args, **kwargs):
+        raise RuntimeError("data source broke")
 
+    monkeypatch.setattr("avalanche_rebasin.plugin.reestimate_batchnorm", failing)
     torch.manual_seed(0)
     bench = _benchmark(image=True)
     model = SmallCNN()
-    strategy = _strategy(model, cls=Failing)
+    strategy = _strategy(model)
     strategy.train(bench.train_stream[0])
     kept = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match="data source broke"):
         strategy.train(bench.train_stream[1])
     for k, v in model.state_dict().items():
         assert torch.equal(v, kept[k]), k
-    assert model.bn1.momentum == 0.1 and not strategy.rebasin_active
+    assert not strategy.rebasin_active and strategy.model is model

@@ -1,0 +1,167 @@
+"""Settings of the Re-basin incremental-learning method (Guerrero Peña et al., CVPR 2023, §4.3).
+
+At every experience ``i > 0`` the weights ``θ_i`` are held fixed, and a residual ``δ``
+and Sinkhorn logits ``X`` are trained on
+
+    C_CL(δ, P; θ_i) = C((1 − a) θ_i + a π_P(θ_i) + δ) + β‖δ‖²,   P = Sinkhorn(X / τ),
+
+(``a = train_alpha``; the paper trains the midpoint, ``a = ½``), then
+
+    θ_{i+1} = (1 − α) θ_i + α π_P̂(θ_i) + δ
+
+is committed with the hard permutation ``P̂``. :class:`RebasinConfig` holds every knob,
+validated once with strict types (``True`` is not an α, ``"False"`` is not a boolean);
+:data:`PRESETS` names the settings the README recommends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["PRESETS", "RebasinConfig"]
+
+#: Named settings (keyword arguments of :class:`RebasinConfig`).
+#: ``paper``: the authors' Rotated-MNIST protocol, 5 epochs per re-basin experience.
+#: ``midpoint``: the paper's training (soft plan, midpoint) with δ on Adam (lr 1e-3, no
+#: clip), a budget that does not starve on small data sets.
+#: ``consistent``: the same δ budget, and trains what is committed: weight α = 0.2 on
+#: ``π(θ)`` in training too, the hard permutation in the forward (straight-through).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"rebasin_epochs": 5},
+    "midpoint": {"delta_optimizer": "adam", "delta_lr": 1e-3, "delta_clip": None},
+    "consistent": {
+        "train_alpha": 0.2,
+        "straight_through": True,
+        "delta_optimizer": "adam",
+        "delta_lr": 1e-3,
+        "delta_clip": None,
+    },
+}
+
+
+@dataclass(frozen=True)
+class RebasinConfig:
+    """Every setting of the method; the defaults are the authors' protocol.
+
+    Args:
+        alpha: share of the permuted weights in the commit, in [0, 1].
+        train_alpha: share ``a`` of ``π_P(θ)`` in the network trained at each step,
+            ``(1 − a)θ + aπ_P(θ) + δ``, in [0, 1] (paper: 0.5; None: same as ``alpha``).
+        beta: weight of ``‖δ‖²`` (the published weight decay 0.1 on δ is β = 0.05).
+        tau, sinkhorn_iters: Sinkhorn temperature (> 0) and iterations (≥ 1).
+        tau_final: anneal τ geometrically to this value over each experience's steps.
+        straight_through: forward with the hard ``P̂``, backward through the soft plan.
+        perm_lr, perm_init_noise: Adam lr of the logits; std of their initial noise.
+        perm_init: ``"identity"`` (``X = I + noise``) or ``"similarity"`` (``X`` = cosine
+            similarity of θ's units + noise).
+        delta_optimizer, delta_lr, delta_clip, delta_init_std: δ's optimiser (``"sgd"``
+            or ``"adam"``), lr (0 freezes δ), gradient clip (None: none), initial std.
+        rebasin_epochs: epochs of a re-basin experience (None: the strategy's ``train_epochs``).
+        rebasin_steps: at least this many optimiser steps per re-basin experience,
+            whatever the data size (overrides ``rebasin_epochs``).
+        permute: False fixes ``P`` to the identity (the δ-only ablation).
+        bn_reestimate: re-estimate BatchNorm statistics of ``θ_{i+1}`` on the experience's
+            training batches; False commits ``(1 − α)·stats_i + α·π(stats_i)``.
+        seed: seeds δ's and the logits' initial values at every experience.
+        diagnostic_samples: samples of the experience used to measure the accuracy of the
+            trained, rounded and committed networks (0: off, the default; three extra
+            passes over that many samples).
+    """
+
+    alpha: float = 0.2
+    train_alpha: float | None = 0.5
+    beta: float = 0.05
+    tau: float = 1.0
+    tau_final: float | None = None
+    sinkhorn_iters: int = 20
+    straight_through: bool = False
+    perm_lr: float = 0.1
+    perm_init_noise: float = 0.1
+    perm_init: Literal["identity", "similarity"] = "identity"
+    delta_optimizer: Literal["sgd", "adam"] = "sgd"
+    delta_lr: float = 0.05
+    delta_clip: float | None = 1e-3
+    delta_init_std: float = 1e-4
+    rebasin_epochs: int | None = None
+    rebasin_steps: int | None = None
+    permute: bool = True
+    bn_reestimate: bool = True
+    seed: int = 0
+    diagnostic_samples: int = 0
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        if self.train_alpha is None:
+            object.__setattr__(self, "train_alpha", self.alpha)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _REALS and value is not None:
+                object.__setattr__(self, f.name, float(value))
+            elif f.name in _INTEGERS and value is not None:
+                object.__setattr__(self, f.name, int(value))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> RebasinConfig:
+        """``PRESETS[name]`` with ``overrides`` on top."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown Re-basin preset {name!r}; choose one of {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @staticmethod
+    def field_names() -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(RebasinConfig))
+
+
+# name → (rule text, check); a None value is allowed only where the rule says so.
+_REALS = {
+    "alpha": ("a number in [0, 1]", lambda v: 0 <= v <= 1),
+    "train_alpha": ("None or a number in [0, 1]", lambda v: 0 <= v <= 1),
+    "beta": ("a number >= 0", lambda v: v >= 0),
+    "tau": ("a number > 0", lambda v: v > 0),
+    "tau_final": ("None or a number > 0", lambda v: v > 0),
+    "perm_lr": ("a number > 0", lambda v: v > 0),
+    "perm_init_noise": ("a number >= 0", lambda v: v >= 0),
+    "delta_lr": ("a number >= 0", lambda v: v >= 0),
+    "delta_clip": ("None or a number > 0", lambda v: v > 0),
+    "delta_init_std": ("a number >= 0", lambda v: v >= 0),
+}
+_INTEGERS = {
+    "sinkhorn_iters": ("an integer >= 1", lambda v: v >= 1),
+    "rebasin_epochs": ("None or an integer >= 1", lambda v: v >= 1),
+    "rebasin_steps": ("None or an integer >= 1", lambda v: v >= 1),
+    "seed": ("an integer >= 0", lambda v: v >= 0),
+    "diagnostic_samples": ("an integer >= 0", lambda v: v >= 0),
+}
+_BOOLEANS = ("straight_through", "permute", "bn_reestimate")
+_CHOICES = {"perm_init": ("identity", "similarity"), "delta_optimizer": ("sgd", "adam")}
+_OPTIONAL = ("train_alpha", "tau_final", "delta_clip", "rebasin_epochs", "rebasin_steps")
+
+
+def _validate(config: RebasinConfig) -> None:
+    def bad(name: str, rule: str) -> ValueError:
+        value = getattr(config, name)
+        return ValueError(f"Re-basin: {name} must be {rule}, got {value!r} ({type(value).__name__}).")
+
+    for name, (rule, ok) in _REALS.items():
+        v = getattr(config, name)
+        if v is None and name in _OPTIONAL:
+            continue
+        real = isinstance(v, numbers.Real) and not isinstance(v, bool)
+        if not (real and math.isfinite(v) and ok(v)):
+            raise bad(name, rule)
+    for name, (rule, ok) in _INTEGERS.items():
+        v = getattr(config, name)
+        if v is None and name in _OPTIONAL:
+            continue
+        if not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and ok(v)):
+            raise bad(name, rule)
+    for name in _BOOLEANS:
+        if not isinstance(getattr(config, name), bool):
+            raise bad(name, "True or False (a bool)")
+    for name, choices in _CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise bad(name, " or ".join(repr(c) for c in choices))
