@@ -87,7 +87,7 @@ class RebasinNetwork(nn.Module):
         self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
         self.units_total = sum(spec.group_sizes.values())
-        touched = {m.group for g in spec.members.values() for m in g if m.tensor in frozen}
+        touched = {g for g, members in spec.members.items() if any(m.tensor in frozen for m in members)}
         self.spec = spec.without_groups(*touched) if config.permute else spec.without_groups(*spec.groups)
         self.names = list(theta)
         self.parameter_names = {n for n, _ in model.named_parameters()}
