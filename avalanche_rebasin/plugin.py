@@ -285,16 +285,17 @@ def _accuracy(model: nn.Module, state: dict[str, Tensor], batches: list[list[Ten
 
 
 def _publish(strategy: Any, report: ExperienceReport) -> None:
-    """The report as Avalanche metrics ``Rebasin/<name>/Exp<k>``, for every logger."""
+    """The report as Avalanche metrics ``Rebasin/<name>/train_phase/train_stream``, one point
+    per committed experience (x = its index), for every logger."""
     evaluator = getattr(strategy, "evaluator", None)
     if evaluator is None:
         return
-    x = strategy.clock.train_iterations
-    values = {k: v for k, v in vars(report).items() if isinstance(v, (int, float)) and k != "experience"}
+    skip = {"experience", "units_total", "extra"}
+    values = {k: v for k, v in vars(report).items() if k not in skip and v is not None}
+    values.update({f"extra/{k}": v for k, v in report.extra.items()})
     for name, value in values.items():
-        evaluator.publish_metric_value(
-            MetricValue(evaluator, f"Rebasin/{name}/Exp{report.experience:03d}", float(value), x)
-        )
+        metric = f"Rebasin/{name}/train_phase/train_stream"
+        evaluator.publish_metric_value(MetricValue(evaluator, metric, value, report.experience))
 
 
 def _example_input(strategy: Any, model: nn.Module) -> Any:

@@ -371,8 +371,9 @@ def test_diagnostics_reach_the_loggers_and_the_accuracy_passes_are_off_by_defaul
     for exp in bench.train_stream[:2]:
         strategy.train(exp)
     strategy.eval(bench.test_stream[:1])  # the text logger prints what was published at the next eval
-    assert "Rebasin/units_moved/Exp001" in text.getvalue()
-    assert "Rebasin/mean_row_max/Exp001" in evaluator.get_all_metrics()
+    assert "Rebasin/units_moved/train_phase/train_stream = " in text.getvalue()
+    xs, values = evaluator.get_all_metrics()["Rebasin/mean_row_max/train_phase/train_stream"]
+    assert xs == [1] and values == [pytest.approx(strategy.reports[0].mean_row_max)]
     assert strategy.reports[0].acc_committed is None
     measured = _strategy(_mlp(), diagnostic_samples=50)
     for exp in bench.train_stream[:2]:
