@@ -107,11 +107,21 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         if self.active and self.config.beta:
-            strategy.loss = strategy.loss + self.network.delta_penalty()
+            penalty = self.network.delta_penalty()
+            # Under DDP a δ the forward did not use (another task's head) is already marked
+            # ready; the penalty's gradient 2βδ is then added in before_update instead.
+            distributed = DistributedHelper.is_distributed
+            strategy.loss = strategy.loss + (penalty.detach() if distributed else penalty)
 
     def before_update(self, strategy: Any, **kwargs: Any) -> None:
-        if self.active:
-            self.network.clip_delta_gradients()
+        if not self.active:
+            return
+        if self.config.beta and DistributedHelper.is_distributed:
+            with torch.no_grad():
+                for d in self.network.delta.values():
+                    g = 2 * self.config.beta * d
+                    d.grad = g if d.grad is None else d.grad.add_(g)
+        self.network.clip_delta_gradients()
 
     def after_update(self, strategy: Any, **kwargs: Any) -> None:
         if not self.active:

@@ -97,40 +97,21 @@ def _epochs_run(strategy, bench) -> list[int]:
 def test_early_stopping_runs_the_same_epochs_as_naive_while_validation_improves():
     bench = _benchmark()
 
-    def stopper():
-        return P.EarlyStoppingPlugin(
+    def build(template, **extra):
+        torch.manual_seed(0)
+        model = _mlp()
+        stopper = P.EarlyStoppingPlugin(
             patience=1, val_stream_name="test_stream", metric_name="Loss_Stream", mode="min"
         )
+        evaluator = P.EvaluationPlugin(loss_metrics(stream=True), accuracy_metrics(stream=True), loggers=[])
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        return template(
+            model=model, optimizer=optimizer, train_mb_size=32, train_epochs=3, eval_every=1,
+            plugins=[stopper], evaluator=evaluator, **extra,
+        )  # fmt: skip
 
-    def evaluator():
-        return P.EvaluationPlugin(loss_metrics(stream=True), accuracy_metrics(stream=True), loggers=[])
-
-    torch.manual_seed(0)
-    model = _mlp()
-    naive = Naive(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=1e-3),
-        train_mb_size=32,
-        train_epochs=3,
-        eval_every=1,
-        plugins=[stopper()],
-        evaluator=evaluator(),
-    )
-    torch.manual_seed(0)
-    model = _mlp()
-    rebasin = RebasinStrategy(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=1e-3),
-        train_mb_size=32,
-        train_epochs=3,
-        eval_every=1,
-        plugins=[stopper()],
-        evaluator=evaluator(),
-        delta_optimizer="adam",
-        delta_lr=1e-4,
-        delta_clip=None,
-        perm_lr=1e-3,
-    )
+    naive = build(Naive)
+    rebasin = build(RebasinStrategy, delta_optimizer="adam", delta_lr=1e-4, delta_clip=None, perm_lr=1e-3)
     assert _epochs_run(naive, bench) == _epochs_run(rebasin, bench) == [3, 3, 3]
     assert len(rebasin.reports) == 2
 
