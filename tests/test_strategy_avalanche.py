@@ -20,7 +20,7 @@ from avalanche.training import plugins as P
 from test_strategy import N_CLASSES, CommitRecorder, _benchmark, _evaluator, _strategy
 from torch import nn
 
-from avalanche_rebasin import RebasinPlugin, permute_state
+from avalanche_rebasin import PermutationSpec, RebasinPlugin, permute_state
 from avalanche_rebasin.strategy import RebasinStrategy
 
 
@@ -360,3 +360,19 @@ def test_diagnostics_reach_the_loggers_and_the_accuracy_passes_are_off_by_defaul
     for exp in bench.train_stream[:2]:
         measured.train(exp)
     assert 0 <= measured.reports[0].acc_committed <= 1
+
+
+def test_an_experience_refused_at_its_start_leaves_theta_and_the_strategy_as_they_were():
+    torch.manual_seed(0)
+    bench = _benchmark()
+    other = SimpleMLP(num_classes=N_CLASSES, input_size=16, hidden_size=12, drop_rate=0)
+    wrong = PermutationSpec.from_model(other, torch.zeros(1, 16))  # another architecture's spec
+    model = _mlp()
+    strategy = _strategy(model, spec=wrong)
+    strategy.train(bench.train_stream[0])
+    kept, optimizer = {k: v.clone() for k, v in model.state_dict().items()}, strategy.optimizer
+    with pytest.raises(ValueError, match="another architecture"):
+        strategy.train(bench.train_stream[1])
+    assert strategy.model is model and strategy.optimizer is optimizer and not strategy.rebasin.active
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, kept[k]), k
