@@ -29,7 +29,17 @@ from .permute import identity_permutation, model_state, permute_state, soft_perm
 from .sinkhorn import permutation_matrix
 from .spec import PermutationSpec
 
-__all__ = ["ExperienceReport", "RebasinNetwork"]
+__all__ = [
+    "ExperienceReport",
+    "RebasinNetwork",
+    "add_penalty_gradient",
+    "clip_delta_gradients",
+    "committed_state",
+    "delta_penalty",
+    "experience_report",
+    "first_non_finite",
+    "make_optimizer",
+]
 
 
 def _key(name: str) -> str:
@@ -84,40 +94,31 @@ class RebasinNetwork(nn.Module):
         self.config, self.experience = config, experience
         theta = {k: v.detach().clone() for k, v in model_state(model).items()}
         spec.validate(theta)
-        self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
         self.units_total = sum(spec.group_sizes.values())
-        touched = {g for g, members in spec.members.items() if any(m.tensor in frozen for m in members)}
-        self.spec = spec.without_groups(*touched) if config.permute else spec.without_groups(*spec.groups)
-        self.names = list(theta)
         self.parameter_names = {n for n, _ in model.named_parameters()}
-        self.theta, self.running = nn.Module(), nn.Module()
-        for name, value in theta.items():
-            self.theta.register_buffer(_key(name), value)
-            if name not in self.parameter_names:  # the trained network's own running statistics
-                self.running.register_buffer(_key(name), value.clone())
+        self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.delta_names = set(self.trainable)
+        frozen = self.parameter_names - self.delta_names
+        unpermuted = _groups_touching(spec, frozen) if config.permute else spec.groups
+        self.spec = spec.without_groups(*unpermuted)
+        self.names = list(theta)
+        self.theta = _buffers(theta)
+        # the trained network's own running statistics, updated by its training forwards
+        self.running = _buffers({k: v.clone() for k, v in theta.items() if k not in self.parameter_names})
         generator = torch.Generator().manual_seed(config.seed * 100_003 + experience)
         self.delta = nn.ParameterDict(
             {
-                _key(n): nn.Parameter(
-                    config.delta_init_std * torch.randn(theta[n].shape, generator=generator).to(theta[n])
-                )
+                _key(n): nn.Parameter(config.delta_init_std * _randn_like(theta[n], generator))
                 for n in self.trainable
             }
         )
         self.permutation: PermutationLogits | None = None
         if len(self.spec):
-            device = next(iter(theta.values())).device
-            init = {
-                g: self._initial_logits(theta, g, n)
-                + config.perm_init_noise * torch.randn(n, n, generator=generator)
-                for g, n in self.spec.group_sizes.items()
-            }
-            self.permutation = PermutationLogits(self.spec, init).to(device)
-        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+            init = _initial_logits(theta, self.spec, config, self.parameter_names, generator)
+            self.permutation = PermutationLogits(self.spec, init).to(next(iter(theta.values())).device)
+        self.steps_done = 0
         self.steps_total = max(int(steps_total), 1)
 
-    # -- what is trained -----------------------------------------------------------------
     def theta_state(self) -> dict[str, Tensor]:
         return {n: self.theta.get_buffer(_key(n)) for n in self.names}
 
@@ -130,7 +131,7 @@ class RebasinNetwork(nn.Module):
         c = self.config
         if c.tau_final is None:
             return c.tau
-        progress = min(int(self.steps_done) / max(self.steps_total - 1, 1), 1.0)
+        progress = min(self.steps_done / max(self.steps_total - 1, 1), 1.0)
         return c.tau * (c.tau_final / c.tau) ** progress
 
     def plans(self) -> dict[str, Tensor]:
@@ -143,13 +144,11 @@ class RebasinNetwork(nn.Module):
         return {g: permutation_matrix(hard[g], p.dtype) + p - p.detach() for g, p in plans.items()}
 
     def hard_permutations(self) -> dict[str, Tensor]:
-        if self.permutation is None:
-            return identity_permutation(self.spec)
-        return self.permutation.hard()
+        return {} if self.permutation is None else self.permutation.hard()
 
     def trained_state(self, hard: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """``(1 − a)θ + aπ(θ) + δ`` for parameters (the training plans, or ``hard``), the
-        network's own running buffers for the rest."""
+        """``(1 − a)θ + aπ(θ) + δ`` for trainable parameters (the training plans, or ``hard``),
+        θ for frozen ones, the network's own running buffers for the rest."""
         theta, a = self.theta_state(), self.config.train_alpha
         if hard is not None:
             permuted = permute_state(theta, self.spec, hard)
@@ -160,16 +159,12 @@ class RebasinNetwork(nn.Module):
         state = {}
         for name in self.names:
             if name in self.delta_names:
-                state[name] = (1 - a) * theta[name] + a * permuted[name] + self.delta[_key(name)]
+                state[name] = _blend(theta[name], permuted[name], a, self.delta[_key(name)])
             elif name in self.parameter_names:
                 state[name] = theta[name]  # frozen by the user
             else:
                 state[name] = self.running.get_buffer(_key(name))
         return state
-
-    @property
-    def delta_names(self) -> set[str]:
-        return set(self.trainable)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return functional_call(self.base, self.trained_state(), args, kwargs)
@@ -179,90 +174,134 @@ class RebasinNetwork(nn.Module):
         self.base.train(mode)  # the forward runs the user's module, in this mode
         return self
 
-    def delta_penalty(self) -> Tensor:
-        """``β‖δ‖²``."""
-        return self.config.beta * sum((d**2).sum() for d in self.delta.values())
 
-    # -- optimisation --------------------------------------------------------------------
-    def make_optimizer(self) -> GroupedOptimizer:
-        """Adam on the logits (``perm_lr``) and SGD or Adam on δ (``delta_lr``)."""
-        c = self.config
-        delta_cls = torch.optim.Adam if c.delta_optimizer == "adam" else torch.optim.SGD
-        parts: list[torch.optim.Optimizer] = [
-            delta_cls(list(self.delta.values()) or [_dummy()], lr=c.delta_lr)
-        ]
-        if self.permutation is not None:
-            parts.insert(0, torch.optim.Adam(self.permutation.parameters(), lr=c.perm_lr))
-        return GroupedOptimizer(parts)
+def delta_penalty(network: RebasinNetwork) -> Tensor:
+    """``β‖δ‖²``."""
+    return network.config.beta * sum((d**2).sum() for d in network.delta.values())
 
-    def clip_delta_gradients(self) -> None:
-        if self.config.delta_clip is not None:
-            torch.nn.utils.clip_grad_value_(list(self.delta.values()), self.config.delta_clip)
 
-    def non_finite(self) -> str | None:
-        """The first trained tensor with a NaN or an infinity, by name, or None."""
-        tensors = {f"δ of '{n}'": d for n, d in self.delta_state().items()}
-        if self.permutation is not None:
-            tensors.update(
-                {
-                    f"permutation logits of group '{g}'": x
-                    for g, x in zip(self.permutation.names, self.permutation.logits)
-                }
+@torch.no_grad()
+def add_penalty_gradient(network: RebasinNetwork) -> None:
+    """Add ``∂β‖δ‖²/∂δ = 2βδ`` to δ's gradients directly (used under DDP, where a penalty
+    through the loss would reach a δ the forward did not use a second time)."""
+    beta = network.config.beta
+    if not beta:
+        return
+    for d in network.delta.values():
+        g = 2 * beta * d
+        d.grad = g if d.grad is None else d.grad.add_(g)
+
+
+def clip_delta_gradients(network: RebasinNetwork) -> None:
+    """Clip δ's gradients to ``±delta_clip`` (the published protocol's ±1e-3)."""
+    if network.config.delta_clip is not None:
+        torch.nn.utils.clip_grad_value_(list(network.delta.values()), network.config.delta_clip)
+
+
+def make_optimizer(network: RebasinNetwork) -> GroupedOptimizer:
+    """Adam on the logits (``perm_lr``) and SGD or Adam on δ (``delta_lr``)."""
+    c = network.config
+    delta_cls = torch.optim.Adam if c.delta_optimizer == "adam" else torch.optim.SGD
+    # a frozen placeholder keeps the optimiser valid when the user froze every parameter
+    deltas = list(network.delta.values()) or [nn.Parameter(torch.zeros(()), requires_grad=False)]
+    parts: list[torch.optim.Optimizer] = [delta_cls(deltas, lr=c.delta_lr)]
+    if network.permutation is not None:
+        parts.insert(0, torch.optim.Adam(network.permutation.parameters(), lr=c.perm_lr))
+    return GroupedOptimizer(parts)
+
+
+def first_non_finite(network: RebasinNetwork) -> str | None:
+    """The first trained tensor with a NaN or an infinity, by name, or None (one host sync)."""
+    tensors = {f"δ of '{n}'": d for n, d in network.delta_state().items()}
+    if network.permutation is not None:
+        names, logits = network.permutation.names, network.permutation.logits
+        tensors.update({f"permutation logits of group '{g}'": x for g, x in zip(names, logits)})
+    if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all()):
+        return None
+    return next(label for label, t in tensors.items() if not torch.isfinite(t).all())
+
+
+@torch.no_grad()
+def committed_state(network: RebasinNetwork) -> dict[str, Tensor]:
+    """``θ_{i+1} = (1 − α)θ_i + απ_P̂(θ_i) + δ``; frozen parameters and integer buffers are θ_i's."""
+    theta, alpha = network.theta_state(), network.config.alpha
+    permuted = permute_state(theta, network.spec, network.hard_permutations())
+    committed = {}
+    for name, value in theta.items():
+        frozen = name in network.parameter_names and name not in network.delta_names
+        if frozen or not value.is_floating_point():
+            committed[name] = value.clone()
+            continue
+        delta = network.delta[_key(name)] if name in network.delta_names else None
+        committed[name] = new = _blend(value, permuted[name], alpha, delta)
+        if not torch.isfinite(new).all():
+            raise ValueError(
+                f"Re-basin: experience {network.experience} produced non-finite values in '{name}'; the "
+                f"commit was refused and the model keeps θ_{network.experience}. Lower delta_lr/perm_lr or "
+                "check the data of this experience."
             )
-        return next((label for label, t in tensors.items() if not torch.isfinite(t).all()), None)
-
-    # -- the commit ------------------------------------------------------------------------
-    @torch.no_grad()
-    def committed_state(self) -> dict[str, Tensor]:
-        """``θ_{i+1} = (1 − α)θ_i + απ_P̂(θ_i) + δ``; frozen parameters and integer buffers are θ_i's."""
-        theta, alpha = self.theta_state(), self.config.alpha
-        permuted = permute_state(theta, self.spec, self.hard_permutations())
-        committed = {}
-        for name, value in theta.items():
-            if not value.is_floating_point() or (
-                name in self.parameter_names and name not in self.delta_names
-            ):
-                committed[name] = value.clone()
-                continue
-            new = (1 - alpha) * value + alpha * permuted[name]
-            if name in self.delta_names:
-                new = new + self.delta[_key(name)]
-            if not torch.isfinite(new).all():
-                raise ValueError(
-                    f"Re-basin: experience {self.experience} produced non-finite values in '{name}'; the "
-                    f"commit was refused and the model keeps θ_{self.experience}. Lower delta_lr/perm_lr or "
-                    "check the data of this experience."
-                )
-            committed[name] = new
-        return committed
-
-    @torch.no_grad()
-    def report(self) -> ExperienceReport:
-        """The cheap diagnostics (no data pass)."""
-        row_max = 1.0
-        if self.permutation is not None:
-            plans = self.permutation.plans(self.tau, self.config.sinkhorn_iters)
-            row_max = sum(float(p.max(-1).values.mean()) for p in plans.values()) / len(plans)
-        hard = self.hard_permutations()
-        moved = sum(int((idx != torch.arange(len(idx), device=idx.device)).sum()) for idx in hard.values())
-        return ExperienceReport(
-            experience=self.experience,
-            mean_row_max=row_max,
-            units_moved=moved,
-            units_total=self.units_total,
-            delta_norm=float(sum((d**2).sum() for d in self.delta.values()) ** 0.5),
-        )
-
-    def _initial_logits(self, theta: dict[str, Tensor], group: str, n: int) -> Tensor:
-        if self.config.perm_init == "identity":
-            return torch.eye(n)
-        keys = [k for k in self.spec.axes if k in self.parameter_names]
-        identity = identity_permutation(self.spec, device=theta[keys[0]].device)
-        gram = similarity_matrix(theta, theta, self.spec, identity, group, keys)
-        norms = gram.diagonal().clamp_min(1e-12).sqrt()
-        return (gram / norms[:, None] / norms[None, :]).float().cpu()
+    return committed
 
 
-def _dummy() -> nn.Parameter:
-    """A placeholder so an optimiser can exist when every parameter is frozen."""
-    return nn.Parameter(torch.zeros(()), requires_grad=False)
+@torch.no_grad()
+def experience_report(network: RebasinNetwork) -> ExperienceReport:
+    """The cheap diagnostics (no data pass)."""
+    row_max = 1.0
+    if network.permutation is not None:
+        plans = network.permutation.plans(network.tau, network.config.sinkhorn_iters)
+        row_max = sum(float(p.max(-1).values.mean()) for p in plans.values()) / len(plans)
+    hard = network.hard_permutations()
+    moved = sum(int((idx != torch.arange(len(idx), device=idx.device)).sum()) for idx in hard.values())
+    return ExperienceReport(
+        experience=network.experience,
+        mean_row_max=row_max,
+        units_moved=moved,
+        units_total=network.units_total,
+        delta_norm=float(sum((d**2).sum() for d in network.delta.values()) ** 0.5),
+    )
+
+
+def _buffers(tensors: Mapping[str, Tensor]) -> nn.Module:
+    """A module holding ``tensors`` as buffers (names with '.' made attribute-safe)."""
+    holder = nn.Module()
+    for name, value in tensors.items():
+        holder.register_buffer(_key(name), value)
+    return holder
+
+
+def _randn_like(tensor: Tensor, generator: torch.Generator) -> Tensor:
+    """N(0, 1) drawn on the CPU from ``generator`` (device-independent), then moved like ``tensor``."""
+    return torch.randn(tensor.shape, generator=generator).to(tensor)
+
+
+def _blend(value: Tensor, permuted: Tensor, weight: float, delta: Tensor | None = None) -> Tensor:
+    """``(1 − w)·θ + w·π(θ) (+ δ)``."""
+    new = (1 - weight) * value + weight * permuted
+    return new if delta is None else new + delta
+
+
+def _groups_touching(spec: PermutationSpec, tensors: set[str]) -> list[str]:
+    """Groups that permute an axis of one of ``tensors`` (the user's frozen parameters)."""
+    return [g for g, members in spec.members.items() if any(m.tensor in tensors for m in members)]
+
+
+def _initial_logits(
+    theta: dict[str, Tensor],
+    spec: PermutationSpec,
+    config: RebasinConfig,
+    parameter_names: set[str],
+    generator: torch.Generator,
+) -> dict[str, Tensor]:
+    """``I`` or the cosine similarity of θ's units (``perm_init``), plus ``perm_init_noise``·N(0, 1)."""
+    out = {}
+    for group, n in spec.group_sizes.items():
+        if config.perm_init == "identity":
+            base = torch.eye(n)
+        else:
+            keys = [k for k in spec.axes if k in parameter_names]
+            identity = identity_permutation(spec, device=theta[keys[0]].device)
+            gram = similarity_matrix(theta, theta, spec, identity, group, keys)
+            norms = gram.diagonal().clamp_min(1e-12).sqrt()
+            base = (gram / norms[:, None] / norms[None, :]).float().cpu()
+        out[group] = base + config.perm_init_noise * torch.randn(n, n, generator=generator)
+    return out

@@ -138,7 +138,7 @@ _INTEGERS = {
 }
 _BOOLEANS = ("straight_through", "permute", "bn_reestimate")
 _CHOICES = {"perm_init": ("identity", "similarity"), "delta_optimizer": ("sgd", "adam")}
-_OPTIONAL = ("train_alpha", "tau_final", "delta_clip", "rebasin_epochs", "rebasin_steps")
+_OPTIONAL = {f.name for f in dataclasses.fields(RebasinConfig) if "None" in str(f.type)}
 
 
 def _validate(config: RebasinConfig) -> None:

@@ -25,13 +25,23 @@ from avalanche.distributed import DistributedHelper
 from avalanche.evaluation.metric_results import MetricValue
 from avalanche.models import MultiTaskModule
 from avalanche.models.dynamic_modules import MultiHeadClassifier
-from avalanche.models.utils import avalanche_forward
+from avalanche.models.utils import avalanche_forward, is_multi_task_module
 from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin, SupervisedPlugin
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Subset
 
-from .continual import ExperienceReport, RebasinNetwork
+from .continual import (
+    ExperienceReport,
+    RebasinNetwork,
+    add_penalty_gradient,
+    clip_delta_gradients,
+    committed_state,
+    delta_penalty,
+    experience_report,
+    first_non_finite,
+    make_optimizer,
+)
 from .continual_config import RebasinConfig
 from .lmc import reestimate_batchnorm
 from .permute import load_state_
@@ -43,16 +53,6 @@ __all__ = ["RebasinPlugin", "arrange_plugins"]
 
 class _MultiTaskRebasinNetwork(RebasinNetwork, MultiTaskModule):
     """The same network, seen by Avalanche as multi-task (``avalanche_forward`` passes task labels)."""
-
-
-@dataclass
-class _Handed:
-    """What the plugin took from the strategy for one re-basin task, to give back."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    train_epochs: int
-    schedulers: list[tuple[Any, tuple]]
 
 
 class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
@@ -75,7 +75,7 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
         self.trained_tasks = 0
         self.reports: list[ExperienceReport] = []
         self.network: RebasinNetwork | None = None
-        self._handed: _Handed | None = None
+        self._handover: _Handover | None = None
         self._subexps_seen = 0
 
     @property
@@ -86,28 +86,37 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
     # -- hooks ------------------------------------------------------------------------------
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
         check_plugins(strategy.plugins)
+        if sum(isinstance(p, RebasinPlugin) for p in strategy.plugins) > 1:
+            raise ValueError(
+                "A strategy can carry one RebasinPlugin (RebasinStrategy already has its own); "
+                "remove the extra one and pass its settings to the first."
+            )
         strategy.plugins = arrange_plugins(strategy.plugins, self)
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         exp = strategy.experience
-        if isinstance(exp, OnlineCLExperience) and not exp.access_task_boundaries:
-            raise ValueError(
-                "Re-basin commits once per task, so it needs the task boundaries of an online stream: "
-                "build it with split_online_stream(..., access_task_boundaries=True)."
-            )
         if isinstance(exp, OnlineCLExperience):
-            if self.config.tau_final is not None:
-                raise ValueError("Re-basin: tau_final (τ annealing) is not supported on online streams.")
+            _check_online(exp, self.config)
             self._subexps_seen = 1 if exp.is_first_subexp else self._subexps_seen + 1
 
     def start_if_due(self, strategy: Any) -> None:
-        """Called by :class:`_RebasinStarter` once every other plugin has prepared the experience."""
-        if not (self.active or self.trained_tasks == 0):  # not the first task, nor a later sub-experience
-            self._start(strategy)
+        """Called by :class:`_RebasinStarter` once every other plugin has prepared the experience:
+        starts a re-basin task unless this is the first task or a later sub-experience of one."""
+        if self.active or self.trained_tasks == 0:
+            return
+        model = DistributedHelper.unwrap_model(strategy.model)
+        spec = self.spec or PermutationSpec.from_model(model, _example_input(strategy, model))
+        batches = max(len(strategy.dataloader), 1)
+        epochs = _planned_epochs(self.config, strategy.train_epochs, batches)
+        cls = _MultiTaskRebasinNetwork if isinstance(model, MultiTaskModule) else RebasinNetwork
+        network = cls(model, spec, self.config, experience=self.trained_tasks, steps_total=epochs * batches)
+        network.to(strategy.device)
+        self._handover = _Handover.take(strategy, network, make_optimizer(network), epochs)
+        self.network = network
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         if self.active and self.config.beta:
-            penalty = self.network.delta_penalty()
+            penalty = delta_penalty(self.network)
             # Under DDP a δ the forward did not use (another task's head) is already marked
             # ready; the penalty's gradient 2βδ is then added in before_update instead.
             distributed = DistributedHelper.is_distributed
@@ -116,18 +125,15 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
     def before_update(self, strategy: Any, **kwargs: Any) -> None:
         if not self.active:
             return
-        if self.config.beta and DistributedHelper.is_distributed:
-            with torch.no_grad():
-                for d in self.network.delta.values():
-                    g = 2 * self.config.beta * d
-                    d.grad = g if d.grad is None else d.grad.add_(g)
-        self.network.clip_delta_gradients()
+        if DistributedHelper.is_distributed:
+            add_penalty_gradient(self.network)
+        clip_delta_gradients(self.network)
 
     def after_update(self, strategy: Any, **kwargs: Any) -> None:
         if not self.active:
             return
         self.network.steps_done += 1
-        label = self.network.non_finite()
+        label = first_non_finite(self.network)
         if label is not None:
             experience = self.network.experience
             self._give_back(strategy)
@@ -138,92 +144,107 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
             )
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        if not self._at_task_end(strategy.experience):
+        if not _at_task_end(strategy.experience, self._subexps_seen):
             return
         if self.active:
             try:
-                self._commit(strategy)
+                report = _commit(strategy, self.network)
             finally:
                 self._give_back(strategy)
+            self.reports.append(report)
+            _publish(strategy, report)
         self.trained_tasks += 1
 
-    def _at_task_end(self, exp: Any) -> bool:
-        """True after an ordinary experience or the last sub-experience of an online task
-        (counted too: Avalanche 0.6 flags none as last when the sizes divide exactly)."""
-        if not isinstance(exp, OnlineCLExperience):
-            return True
-        return exp.is_last_subexp or self._subexps_seen == exp.sub_stream_length
-
-    # -- start and hand-back ------------------------------------------------------------------
-    def _start(self, strategy: Any) -> None:
-        model = DistributedHelper.unwrap_model(strategy.model)
-        spec = self.spec or PermutationSpec.from_model(model, _example_input(strategy, model))
-        batches = max(len(strategy.dataloader), 1)
-        c = self.config
-        if c.rebasin_steps is not None:
-            epochs = math.ceil(c.rebasin_steps / batches)
-        else:
-            epochs = c.rebasin_epochs or strategy.train_epochs
-        cls = _MultiTaskRebasinNetwork if isinstance(model, MultiTaskModule) else RebasinNetwork
-        network = cls(model, spec, c, experience=self.trained_tasks, steps_total=epochs * batches)
-        network.to(strategy.device)
-        optimizer = network.make_optimizer()
-        self._handed = _Handed(strategy.model, strategy.optimizer, strategy.train_epochs, [])
-        for plugin in strategy.plugins:
-            if isinstance(plugin, LRSchedulerPlugin):
-                self._handed.schedulers.append(
-                    (plugin.scheduler, _point_scheduler(plugin.scheduler, optimizer))
-                )
-        self.network = network
-        strategy.model = DistributedHelper.wrap_model(network)
-        strategy.optimizer = optimizer
-        strategy.train_epochs = epochs
-
     def _give_back(self, strategy: Any) -> None:
-        handed = self._handed
-        self.network, self._handed = None, None
-        if handed is None:
-            return
-        strategy.model, strategy.optimizer, strategy.train_epochs = (
-            handed.model,
-            handed.optimizer,
-            handed.train_epochs,
+        if self._handover is not None:
+            self._handover.give_back(strategy)
+        self.network, self._handover = None, None
+
+
+def _at_task_end(exp: Any, subexps_seen: int) -> bool:
+    """True after an ordinary experience or the last sub-experience of an online task
+    (counted too: Avalanche 0.6 flags none as last when the sizes divide exactly)."""
+    if not isinstance(exp, OnlineCLExperience):
+        return True
+    return exp.is_last_subexp or subexps_seen == exp.sub_stream_length
+
+
+def _check_online(exp: OnlineCLExperience, config: RebasinConfig) -> None:
+    if not exp.access_task_boundaries:
+        raise ValueError(
+            "Re-basin commits once per task, so it needs the task boundaries of an online stream: "
+            "build it with split_online_stream(..., access_task_boundaries=True)."
         )
-        for scheduler, saved in handed.schedulers:
+    if config.tau_final is not None:
+        raise ValueError("Re-basin: tau_final (τ annealing) is not supported on online streams.")
+
+
+def _planned_epochs(config: RebasinConfig, train_epochs: int, batches: int) -> int:
+    """``ceil(rebasin_steps / batches)``, else ``rebasin_epochs``, else the strategy's ``train_epochs``."""
+    if config.rebasin_steps is not None:
+        return math.ceil(config.rebasin_steps / batches)
+    return config.rebasin_epochs or train_epochs
+
+
+@dataclass
+class _Handover:
+    """What the plugin took from the strategy for one re-basin task, and how to give it back."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_epochs: int
+    schedulers: list[tuple[Any, tuple]]
+
+    @classmethod
+    def take(
+        cls, strategy: Any, network: RebasinNetwork, optimizer: torch.optim.Optimizer, epochs: int
+    ) -> _Handover:
+        """Put ``network`` (DDP-wrapped when distributed), ``optimizer`` and ``epochs`` in the
+        strategy and point its LR schedulers at ``optimizer``."""
+        schedulers = [
+            (p.scheduler, _point_scheduler(p.scheduler, optimizer))
+            for p in strategy.plugins
+            if isinstance(p, LRSchedulerPlugin)
+        ]
+        handover = cls(strategy.model, strategy.optimizer, strategy.train_epochs, schedulers)
+        strategy.model = DistributedHelper.wrap_model(network)
+        strategy.optimizer, strategy.train_epochs = optimizer, epochs
+        return handover
+
+    def give_back(self, strategy: Any) -> None:
+        strategy.model, strategy.optimizer, strategy.train_epochs = (
+            self.model,
+            self.optimizer,
+            self.train_epochs,
+        )
+        for scheduler, saved in self.schedulers:
             scheduler.optimizer, scheduler.base_lrs, scheduler.last_epoch, scheduler._last_lr = saved
 
-    # -- the commit ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def _commit(self, strategy: Any) -> None:
-        network = self.network
-        model = network.base
-        committed = network.committed_state()
-        load_state_(model, committed)
-        try:
-            if self.config.bn_reestimate:
-                reestimate_batchnorm(model, strategy.dataloader, forward=_forward_batch(strategy))
-                _average_batchnorm_across_processes(model)
-            report = network.report()
-            if self.config.diagnostic_samples:
-                self._measure_accuracies(strategy, network, report, committed)
-        except BaseException:
-            load_state_(model, network.theta_state())  # the model keeps θ_i
-            raise
-        self.reports.append(report)
-        _publish(strategy, report)
 
-    def _measure_accuracies(
-        self, strategy: Any, network: RebasinNetwork, report: ExperienceReport, committed: dict[str, Tensor]
-    ) -> None:
-        dataset = strategy.experience.dataset
-        n = min(len(dataset), self.config.diagnostic_samples)
-        loader = DataLoader(Subset(dataset, range(n)), batch_size=strategy.eval_mb_size or 256)
-        batches = [[t.to(strategy.device) for t in batch] for batch in loader]
-        report.acc_trained = _accuracy(network.base, network.trained_state(), batches)
-        report.acc_rounded = _accuracy(
-            network.base, network.trained_state(network.hard_permutations()), batches
-        )
-        report.acc_committed = _accuracy(network.base, committed, batches)
+@torch.no_grad()
+def _commit(strategy: Any, network: RebasinNetwork) -> ExperienceReport:
+    """Write ``θ_{i+1}`` into the user's module, re-estimate BatchNorm, measure; on any error
+    the module gets ``θ_i`` back."""
+    model, config = network.base, network.config
+    committed = committed_state(network)
+    load_state_(model, committed)
+    try:
+        if config.bn_reestimate:
+            reestimate_batchnorm(model, strategy.dataloader, forward=_forward_batch(strategy))
+            _average_batchnorm_across_processes(model)
+        report = experience_report(network)
+        if config.diagnostic_samples:
+            dataset = strategy.experience.dataset
+            n = min(len(dataset), config.diagnostic_samples)
+            loader = DataLoader(Subset(dataset, range(n)), batch_size=strategy.eval_mb_size or 256)
+            batches = [[t.to(strategy.device) for t in batch] for batch in loader]
+            report.acc_trained = _accuracy(model, network.trained_state(), batches)
+            report.acc_rounded = _accuracy(model, network.trained_state(network.hard_permutations()), batches)
+            report.acc_committed = _accuracy(model, committed, batches)
+    except BaseException:
+        load_state_(model, network.theta_state())  # the model keeps θ_i
+        raise
+    return report
 
 
 class _RebasinStarter(SupervisedPlugin, supports_distributed=True):
@@ -285,7 +306,7 @@ def _accuracy(model: nn.Module, state: dict[str, Tensor], batches: list[list[Ten
     correct = total = 0
     try:
         for batch in batches:
-            args = (batch[0], batch[2]) if isinstance(model, MultiTaskModule) else (batch[0],)
+            args = (batch[0], batch[2]) if is_multi_task_module(model) else (batch[0],)
             out = functional_call(model, {k: v.clone() for k, v in state.items()}, args)
             correct += int((out.argmax(-1) == batch[1]).sum())
             total += len(batch[1])

