@@ -9,8 +9,10 @@ permutation ``argmax_P Σ ⟨P, X⟩`` (linear assignment on the logits), which 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -19,11 +21,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._checks import check_compatible, resolve_spec
+from ._checks import batch_stream, check_compatible, resolve_spec
+from .blocks import blocked_hard_permutation, blocked_sinkhorn
 from .costs import CosineCost, Cost, L1Cost, L2Cost, LossFn, MidpointCost, RandomPointCost
 from .matching import weight_matching_state
-from .permute import model_state, permute, soft_permute_state
-from .sinkhorn import hard_permutation, marginal_error, permutation_matrix, sinkhorn
+from .permute import identity_permutation, model_state, permute, soft_permute_state
+from .sinkhorn import marginal_error, permutation_matrix
 from .spec import PermutationSpec
 
 __all__ = ["AlignResult", "PermutationLogits", "align"]
@@ -44,6 +47,8 @@ class AlignResult:
         history: cost after every optimisation step.
         steps, seconds: optimisation steps taken and wall time.
         marginal_error: Sinkhorn's last marginal error (how converged the forward was).
+        data_exhausted: True when a one-shot ``data`` iterator ran out before ``steps``
+            (the optimisation then stopped early, after ``steps`` steps).
     """
 
     permutations: dict[str, Tensor]
@@ -54,6 +59,7 @@ class AlignResult:
     steps: int = 0
     seconds: float = 0.0
     marginal_error: float = 0.0
+    data_exhausted: bool = False
 
 
 class PermutationLogits(nn.Module):
@@ -67,24 +73,24 @@ class PermutationLogits(nn.Module):
         self.spec = spec
         self.names = list(spec.group_sizes)
         self.logits = nn.ParameterList([nn.Parameter(init[g].clone()) for g in self.names])
-        buckets: dict[int, list[int]] = {}
+        buckets: dict[tuple[int, int], list[int]] = {}
         for i, g in enumerate(self.names):
-            buckets.setdefault(spec.group_sizes[g], []).append(i)
-        self._buckets = list(buckets.values())
+            buckets.setdefault((spec.group_sizes[g], spec.blocks(g)), []).append(i)
+        self._buckets = list(buckets.items())
 
     def as_dict(self) -> dict[str, Tensor]:
         return {g: x.detach().clone() for g, x in zip(self.names, self.logits)}
 
     def plans(self, tau: float, n_iter: int, backward: str = "implicit") -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        for bucket in self._buckets:
+        for (_, blocks), bucket in self._buckets:
             stacked = torch.stack([self.logits[i] for i in bucket])
-            plans = sinkhorn(stacked, tau, n_iter, backward=backward)
+            plans = blocked_sinkhorn(stacked, blocks, tau, n_iter, backward=backward)
             out.update({self.names[i]: p for i, p in zip(bucket, plans.unbind(0))})
         return out
 
     def hard(self) -> dict[str, Tensor]:
-        return {g: hard_permutation(x) for g, x in zip(self.names, self.logits)}
+        return {g: blocked_hard_permutation(x, self.spec.blocks(g)) for g, x in zip(self.names, self.logits)}
 
 
 def _make_cost(
@@ -97,6 +103,7 @@ def _make_cost(
     if cost in weight_costs:
         return weight_costs[cost](keys), False
     loss_fn = loss_fn or nn.functional.cross_entropy
+    model = copy.deepcopy(model) if cost in ("mid", "rnd") else model  # its forward may mutate it
     if cost == "mid":
         return MidpointCost(model, loss_fn), True
     if cost == "rnd":
@@ -119,10 +126,40 @@ def _initial_logits(
     raise ValueError(f"Unknown init {init!r}; use 'identity', 'random' or 'weight_matching'.")
 
 
-def _batches(data: Iterable | None) -> Iterable[Any]:
-    if data is None:
-        return itertools.repeat(None)
-    return itertools.chain.from_iterable(itertools.repeat(data))
+def _batches(data: Iterable | None, needs_data: bool) -> Iterable[Any]:
+    """``None`` forever for weight costs; else :func:`batch_stream` (empty data raises here)."""
+    return batch_stream(data, "data") if needs_data and data is not None else itertools.repeat(None)
+
+
+def _cost_label(cost: Any) -> str:
+    return repr(cost) if isinstance(cost, str) else getattr(cost, "__name__", type(cost).__name__)
+
+
+def _check_cost_value(value: Any, cost: Any) -> None:
+    """The first value of ``cost``: a scalar tensor with a gradient path to the plans."""
+    label = _cost_label(cost)
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"cost {label} returned {type(value).__name__}; it must return a scalar torch.Tensor "
+            "computed from theta_b_permuted with torch operations (no float()/.item())."
+        )
+    if value.numel() != 1:
+        raise ValueError(
+            f"cost {label} returned a tensor of shape {tuple(value.shape)}; it must return a "
+            "scalar tensor: reduce it (e.g. .sum() or .mean())."
+        )
+    if not value.requires_grad:
+        raise ValueError(
+            f"cost {label} returned a tensor that does not depend on the permuted state "
+            "(no gradient reaches the permutations); compute it from theta_b_permuted with "
+            "differentiable torch operations (no .detach() or torch.no_grad())."
+        )
+
+
+def _identity_result(model_b: nn.Module, spec: PermutationSpec, state: Mapping[str, Tensor]) -> AlignResult:
+    """Nothing to permute (no parameter in the spec): identity permutations, a copy of ``model_b``."""
+    perms = identity_permutation(spec, device=next(iter(state.values()), torch.empty(0)).device)
+    return AlignResult(perms, permute(model_b, spec, perms), spec, {})
 
 
 def align(
@@ -158,8 +195,16 @@ def align(
         callback: called as ``callback(step, cost, logits)`` after every step; returning
             True stops the optimisation early (e.g. once ``logits.hard()`` is right).
 
+    Data: a re-iterable ``data`` (list, DataLoader) is cycled; a one-shot iterator
+    (generator) is read once, and if it runs out first the optimisation stops there
+    (``result.data_exhausted``, with a warning).
+    Nothing to permute (no parameter that the spec permutes, e.g. a model without
+    parameters): returns identity permutations and a copy of ``model_b``, ``steps == 0``.
+
     Neither model is modified. Raises ``ValueError`` for mismatched architectures,
-    non-finite weights, ``tau <= 0`` or a data cost without data.
+    non-finite weights, ``tau <= 0``, a data cost without data or with empty data, and
+    ``TypeError``/``ValueError`` if a callable cost's first value is not a scalar tensor
+    that depends on the permuted state.
     """
     if not (tau > 0):
         raise ValueError(f"tau must be > 0, got {tau!r}.")
@@ -175,7 +220,10 @@ def align(
         raise ValueError(
             f"cost={cost!r} evaluates the task loss: pass data= (an iterable of (x, y) batches)."
         )
-    ref = theta_a[keys[0]] if keys else next(iter(theta_a.values()))
+    batches = _batches(data, needs_data)
+    if not keys:
+        return _identity_result(model_b, spec, theta_a)
+    ref = theta_a[keys[0]]
     generator = torch.Generator().manual_seed(seed)
     logits = PermutationLogits(
         spec, _initial_logits(spec, init, theta_a, theta_b, keys, generator, ref.device, ref.dtype)
@@ -185,11 +233,18 @@ def align(
     history: list[float] = []
     plans: dict[str, Tensor] = {}
     start = time.perf_counter()
-    batches = iter(_batches(data))
+    exhausted = False
     bar = tqdm(range(steps), desc="align", disable=not progress, leave=False)
     for step in bar:
+        batch = next(batches, _END)
+        if batch is _END:
+            exhausted = True
+            warnings.warn(f"align: data ran out after {step} of {steps} steps; stopped there.", stacklevel=2)
+            break
         plans = logits.plans(tau, n_iter, sinkhorn_backward)
-        loss = cost_fn(theta_a, soft_permute_state(b_subset, spec, plans), next(batches))
+        loss = cost_fn(theta_a, soft_permute_state(b_subset, spec, plans), batch)
+        if step == 0:
+            _check_cost_value(loss, cost)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -207,4 +262,8 @@ def align(
         steps=len(history),
         seconds=time.perf_counter() - start,
         marginal_error=max((marginal_error(p) for p in plans.values()), default=0.0),
+        data_exhausted=exhausted,
     )
+
+
+_END = object()

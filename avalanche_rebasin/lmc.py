@@ -15,7 +15,8 @@ averaged network.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._checks import check_same_architecture, known_empty
 from .costs import interpolate_state
 from .permute import load_state_, model_state
 
@@ -30,10 +32,12 @@ __all__ = ["LMCCurve", "barrier_and_auc", "interpolate", "lmc_curve", "reestimat
 
 
 def interpolate(model_a: nn.Module, model_b: nn.Module, lam: float) -> nn.Module:
-    """A new module with ``(1−λ)θ_A + λθ_B`` (integer buffers from ``model_a``)."""
+    """A new module with ``(1−λ)θ_A + λθ_B`` (integer buffers from ``model_a``).
+
+    Raises ``ValueError`` naming the first tensor whose name or shape differs.
+    """
     state_a, state_b = model_state(model_a), model_state(model_b)
-    if state_a.keys() != state_b.keys():
-        raise ValueError("interpolate needs two models of the same architecture (their tensor names differ).")
+    check_same_architecture(state_a, state_b)
     return load_state_(copy.deepcopy(model_a), interpolate_state(state_a, state_b, float(lam)))
 
 
@@ -57,11 +61,12 @@ def reestimate_batchnorm(
         return model
     was_training = model.training
     momenta = [m.momentum for m in norms]
-    device = next(model.parameters()).device
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    device = first.device if first is not None else None  # no tensors: leave the input where it is
 
     def default_forward(module: nn.Module, batch: Any) -> Any:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return module(x.to(device))
+        return module(x.to(device) if device is not None else x)
 
     forward = forward or default_forward
     try:
@@ -116,10 +121,17 @@ def lmc_curve(
 
     ``eval_fn(model) -> float`` (e.g. test loss or accuracy) gets a fresh module in eval
     mode. With ``bn_data`` every interpolated network's BatchNorm statistics are
-    re-estimated first (endpoints included, for a fair line). Neither model is modified.
+    re-estimated first (endpoints included, for a fair line); a one-shot iterator
+    (generator) as ``bn_data`` is read once into a list so that every point sees the same
+    batches. Neither model is modified. Raises ``ValueError`` for empty ``bn_data``.
     """
     if n_points < 2:
         raise ValueError(f"n_points must be >= 2, got {n_points}.")
+    check_same_architecture(model_state(model_a), model_state(model_b))
+    if isinstance(bn_data, Iterator):
+        bn_data = list(bn_data)
+    if bn_data is not None and known_empty(bn_data):
+        raise ValueError("bn_data yielded no batches; pass at least one batch to re-estimate BatchNorm on.")
     lambdas = torch.linspace(0, 1, n_points).tolist()
     values = []
     for lam in tqdm(lambdas, desc="lmc", disable=not progress, leave=False):

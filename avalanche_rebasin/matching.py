@@ -28,19 +28,40 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._checks import check_compatible, resolve_spec
+from ._checks import batch_stream, check_compatible, resolve_spec
+from .blocks import blocked_hard_permutation
 from .costs import functional_loss, interpolate_state
-from .permute import identity_permutation, model_state, permute_state, permute_tensor
-from .sinkhorn import hard_permutation
-from .spec import GroupMember, PermutationSpec
+from .permute import identity_permutation, model_state, permute_axis, permute_state, permute_tensor
+from .spec import GroupMember, PermutationSpec, axis_parts
 
 __all__ = ["similarity_matrix", "unit_matrix", "weight_matching", "weight_matching_state"]
 
 
 def unit_matrix(tensor: Tensor, member: GroupMember, size: int) -> Tensor:
-    """``tensor`` laid out as ``size × rest`` along the member's axis (blocks of ``inner``)."""
-    moved = tensor.movedim(member.axis, 0).reshape(member.outer, size, member.inner, -1)
+    """The member's segment of ``tensor`` laid out as ``size × rest`` (blocks of ``inner``)."""
+    moved = tensor.movedim(member.axis, 0)
+    moved = moved.narrow(0, member.offset, member.outer * size * member.inner)
+    moved = moved.reshape(member.outer, size, member.inner, -1)
     return moved.transpose(0, 1).reshape(size, -1)
+
+
+def _member_views(
+    a: Tensor, b: Tensor, spec: PermutationSpec, perms: Mapping[str, Tensor], member: GroupMember
+) -> tuple[Tensor, Tensor]:
+    """``A`` and ``B`` such that ``⟨A, P_member B⟩`` is the member's term of the objective.
+
+    ``B`` is permuted on its other axes and by the parts applied before the member's on
+    its own axis; the parts applied after it are undone on ``A`` instead.
+    """
+    entries = spec.axes[member.tensor]
+    parts = axis_parts(entries[member.axis])
+    b = permute_tensor(b, entries, perms, skip_axis=member.axis)
+    for part in parts[: member.position]:
+        b = permute_axis(b, member.axis, part, perms)
+    for part in reversed(parts[member.position + 1 :]):
+        inverse = {part.group: torch.argsort(perms[part.group])}
+        a = permute_axis(a, member.axis, part, inverse)
+    return a, b
 
 
 def similarity_matrix(
@@ -53,15 +74,16 @@ def similarity_matrix(
 ) -> Tensor:
     """``S_g[c, j] = Σ ⟨unit c of A, unit j of B⟩`` with B permuted on its other axes."""
     size = spec.group_sizes[group]
-    ref = next(iter(theta_a.values()))
-    total = torch.zeros(size, size, dtype=torch.float64, device=ref.device)
+    total = None
     for member in spec.members[group]:
         if member.tensor not in keys:
             continue
-        a = theta_a[member.tensor]
-        b = permute_tensor(theta_b[member.tensor], spec.axes[member.tensor], perms, skip_axis=member.axis)
+        a, b = _member_views(theta_a[member.tensor], theta_b[member.tensor], spec, perms, member)
         ua, ub = unit_matrix(a, member, size), unit_matrix(b, member, size)
-        total += ua.double() @ ub.double().T
+        term = ua.double() @ ub.double().T
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros(size, size, dtype=torch.float64)
     return total
 
 
@@ -77,7 +99,7 @@ def weight_matching_state(
 ) -> tuple[dict[str, Tensor], int]:
     """Coordinate-descent weight matching on state dicts; returns ``(perms, sweeps)``."""
     keys = list(keys) if keys is not None else [k for k in spec.axes if theta_a[k].is_floating_point()]
-    device = next(iter(theta_a.values())).device
+    device = next(iter(theta_a.values()), torch.empty(0)).device  # an empty state: nothing to permute
     perms = dict(init) if init is not None else identity_permutation(spec, device=device)
     groups = spec.groups
     sweeps = 0
@@ -86,7 +108,7 @@ def weight_matching_state(
         for i in torch.randperm(len(groups), generator=generator).tolist():
             group = groups[i]
             sim = similarity_matrix(theta_a, theta_b, spec, perms, group, keys)
-            new = hard_permutation(sim).to(device)
+            new = blocked_hard_permutation(sim, spec.blocks(group)).to(device)
             arange = torch.arange(sim.shape[0], device=device)
             old_score = sim[arange, perms[group]].sum()
             new_score = sim[arange, new].sum()
@@ -110,6 +132,8 @@ def weight_matching(
     """Permutations (group → index) that bring ``model_b`` into ``model_a``'s basin.
 
     ``permute(model_b, spec, weight_matching(model_a, model_b, ...))`` is the aligned model.
+    With nothing to permute (no parameter in the spec, e.g. a model without parameters)
+    the result is the identity permutation of every group (``{}`` when there is none).
     """
     spec = resolve_spec(model_a, spec, example_input)
     check_compatible(model_a, model_b, spec)
@@ -134,6 +158,7 @@ def _producers(model: nn.Module, spec: PermutationSpec) -> dict[str, list[str]]:
                 m.axis == 0
                 and m.inner == 1
                 and m.outer == 1
+                and not isinstance(spec.axes[m.tensor][0], tuple)
                 and path in modules
                 and path not in out.get(group, [])
             ):
@@ -217,7 +242,7 @@ def activation_matching(
     perms = identity_permutation(spec)
     for group, paths in producers.items():
         similarity = sum(stats[p].correlation() for p in paths)
-        perms[group] = hard_permutation(similarity)
+        perms[group] = blocked_hard_permutation(similarity, spec.blocks(group))
     return perms
 
 
@@ -236,7 +261,8 @@ def straight_through(
 ) -> dict[str, Tensor]:
     """Ainsworth et al.'s straight-through estimator; returns permutations for ``model_b``.
 
-    ``data`` yields ``(x, y)`` batches and is cycled through for ``steps`` Adam steps.
+    ``data`` yields ``(x, y)`` batches and is cycled through for ``steps`` Adam steps (a
+    one-shot iterator is read once: the steps end when it does); empty data raises ``ValueError``.
     """
     spec = resolve_spec(model_a, spec, example_input)
     check_compatible(model_a, model_b, spec)
@@ -247,8 +273,11 @@ def straight_through(
     optimizer = torch.optim.Adam(free.values(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     perms = identity_permutation(spec, device=theta_a[keys[0]].device if keys else None)
-    batches = itertools.chain.from_iterable(itertools.repeat(data))
+    batches = batch_stream(data, "data")
     for _ in tqdm(range(steps), desc="straight-through", disable=not progress, leave=False):
+        batch = next(batches, None)
+        if batch is None:
+            break
         with torch.no_grad():
             perms, _ = weight_matching_state(
                 {**theta_a, **free}, theta_b, spec, keys=keys, generator=generator, init=perms
@@ -256,7 +285,7 @@ def straight_through(
         projected = permute_state(theta_b, spec, perms)
         straight = {k: free[k] + (projected[k] - free[k]).detach() for k in free}
         midpoint = interpolate_state(theta_a, {**projected, **straight}, 0.5)
-        loss = functional_loss(model_a, midpoint, next(batches), loss_fn)
+        loss = functional_loss(model_a, midpoint, batch, loss_fn)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .spec import AxisPermutation, PermutationSpec
+from .spec import AxisEntry, AxisPermutation, PermutationSpec, axis_parts
 
 __all__ = [
     "check_permutations",
@@ -23,6 +23,7 @@ __all__ = [
     "load_state_",
     "model_state",
     "permute",
+    "permute_axis",
     "permute_state",
     "permute_tensor",
     "random_permutation",
@@ -55,8 +56,14 @@ def identity_permutation(
 def random_permutation(
     spec: PermutationSpec, generator: torch.Generator | None = None, device: torch.device | str | None = None
 ) -> dict[str, Tensor]:
-    """An independent uniformly random permutation per group (deterministic under ``generator``)."""
-    return {g: torch.randperm(n, generator=generator).to(device) for g, n in spec.group_sizes.items()}
+    """An independent uniformly random permutation per group (within its blocks, if any;
+    deterministic under ``generator``)."""
+    out = {}
+    for group, n in spec.group_sizes.items():
+        blocks, m = spec.blocks(group), n // spec.blocks(group)
+        local = torch.stack([torch.randperm(m, generator=generator) for _ in range(blocks)])
+        out[group] = (local + torch.arange(blocks)[:, None] * m).reshape(-1).to(device)
+    return out
 
 
 def invert_permutation(perms: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -80,27 +87,43 @@ def check_permutations(spec: PermutationSpec, perms: Mapping[str, Tensor]) -> No
             )
         if not torch.equal(torch.sort(idx).values.cpu(), torch.arange(n)):
             raise ValueError(f"The index for group '{group}' is not a permutation of 0..{n - 1}.")
+        blocks = spec.blocks(group)
+        if blocks > 1 and not torch.equal(idx.cpu() // (n // blocks), torch.arange(n) // (n // blocks)):
+            raise ValueError(
+                f"The index for group '{group}' moves units between its {blocks} blocks of "
+                f"{n // blocks}; it must permute each block within itself."
+            )
 
 
-def _expanded_index(idx: Tensor, entry: AxisPermutation) -> Tensor:
-    """Index over the whole axis ``(outer, size, inner)`` that moves unit blocks by ``idx``."""
+def _expanded_index(idx: Tensor, part: AxisPermutation, length: int) -> Tensor:
+    """Index over a whole axis of ``length`` that moves the part's unit blocks by ``idx``."""
     n = idx.numel()
-    inner = torch.arange(entry.inner, device=idx.device)
-    outer = torch.arange(entry.outer, device=idx.device) * (n * entry.inner)
-    return (outer[:, None, None] + idx[None, :, None] * entry.inner + inner[None, None, :]).reshape(-1)
+    inner = torch.arange(part.inner, device=idx.device)
+    outer = torch.arange(part.outer, device=idx.device) * (n * part.inner)
+    segment = (outer[:, None, None] + idx[None, :, None] * part.inner + inner[None, None, :]).reshape(-1)
+    full = torch.arange(length, device=idx.device)
+    full[part.offset : part.offset + segment.numel()] = segment + part.offset
+    return full
+
+
+def permute_axis(tensor: Tensor, axis: int, entry: AxisEntry, perms: Mapping[str, Tensor]) -> Tensor:
+    """Hard-permute one axis by every part of its entry, in order."""
+    for part in axis_parts(entry):
+        idx = _expanded_index(perms[part.group].to(tensor.device), part, tensor.shape[axis])
+        tensor = tensor.index_select(axis, idx)
+    return tensor
 
 
 def permute_tensor(
     tensor: Tensor,
-    entries: tuple[AxisPermutation | None, ...],
+    entries: tuple[AxisEntry, ...],
     perms: Mapping[str, Tensor],
     skip_axis: int | None = None,
 ) -> Tensor:
     """Hard-permute every axis of ``tensor`` that ``entries`` names (but ``skip_axis``)."""
     for axis, entry in enumerate(entries):
-        if entry is not None and axis != skip_axis:
-            idx = _expanded_index(perms[entry.group].to(tensor.device), entry)
-            tensor = tensor.index_select(axis, idx)
+        if axis != skip_axis:
+            tensor = permute_axis(tensor, axis, entry, perms)
     return tensor
 
 
@@ -116,12 +139,14 @@ def permute_state(
     return out
 
 
-def _soft_axis(tensor: Tensor, axis: int, plan: Tensor, entry: AxisPermutation) -> Tensor:
+def _soft_axis(tensor: Tensor, axis: int, plan: Tensor, part: AxisPermutation) -> Tensor:
+    """``t'[(o, c, i)] = Σ_j P[c, j] · t[(o, j, i)]`` on the part's segment of ``axis``."""
     moved = tensor.movedim(axis, 0)
-    rest = moved.shape[1:]
-    blocks = moved.reshape(entry.outer, plan.shape[-1], entry.inner, -1)
-    mixed = torch.einsum("cg,ogir->ocir", plan.to(blocks.dtype), blocks)
-    return mixed.reshape(moved.shape[0], *rest).movedim(0, axis)
+    length = part.outer * plan.shape[-1] * part.inner
+    head, segment, tail = moved.split([part.offset, length, moved.shape[0] - part.offset - length])
+    blocks = segment.reshape(part.outer, plan.shape[-1], part.inner, -1)
+    mixed = torch.einsum("cg,ogir->ocir", plan.to(blocks.dtype), blocks).reshape(segment.shape)
+    return torch.cat([head, mixed, tail]).movedim(0, axis)
 
 
 def soft_permute_state(
@@ -137,8 +162,9 @@ def soft_permute_state(
             continue
         tensor = state[name]
         for axis, entry in enumerate(entries):
-            if entry is not None and entry.group in plans:
-                tensor = _soft_axis(tensor, axis, plans[entry.group], entry)
+            for part in axis_parts(entry):
+                if part.group in plans:
+                    tensor = _soft_axis(tensor, axis, plans[part.group], part)
         out[name] = tensor
     return out
 

@@ -64,6 +64,24 @@ def _check_inputs(logits: Tensor, tau: float, n_iter: int) -> None:
         )
 
 
+def _work_dtype(logits: Tensor, tau: float) -> torch.dtype:
+    """The dtype Sinkhorn runs in: float32 for half/bfloat16, float64 if ``logits / τ`` would overflow.
+
+    The log-domain iteration forms differences ``X_ij/τ − logsumexp``, so it needs
+    ``max |X/τ|`` well below the dtype's largest value; raises ``ValueError`` otherwise.
+    """
+    dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    peak = float(logits.detach().abs().amax()) if logits.numel() else 0.0
+    scaled = peak / tau  # a Python float: inf rather than an error on overflow
+    for candidate in (dtype, torch.float64):
+        if scaled <= torch.finfo(candidate).max / 8:
+            return candidate
+    raise ValueError(
+        f"Sinkhorn: logits / tau overflows even in float64 (max |logits| = {peak:.3g}, tau = {tau:.3g}); "
+        "use a larger tau or rescale the logits (e.g. logits / logits.abs().max())."
+    )
+
+
 def _log_sinkhorn(log_s: Tensor, n_iter: int) -> Tensor:
     """``n_iter`` rounds of row then column normalisation in the log domain."""
     for _ in range(n_iter):
@@ -86,20 +104,37 @@ def _schur_system(plan: Tensor, t_a: Tensor, t_b: Tensor) -> tuple[Tensor, Tenso
     return schur[..., :-1, :-1], rhs[..., :-1], a
 
 
+def _min_norm_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
+    """Minimum-norm solution of symmetric ``matrix x = rhs`` (batched): eigen-solve, least
+    squares where LAPACK fails. A non-finite system (NaN upstream gradient) gives NaN, as autograd would.
+    """
+    finite = torch.isfinite(matrix).flatten(-2).all(-1) & torch.isfinite(rhs).all(-1)
+    out = torch.full_like(rhs, float("nan"))
+    if not finite.any():
+        return out
+    matrix, rhs = matrix[finite], rhs[finite]
+    try:
+        values, vectors = torch.linalg.eigh(matrix)
+        cutoff = values.abs().amax(-1, keepdim=True) * matrix.shape[-1] * torch.finfo(values.dtype).eps
+        inverse = torch.where(values.abs() > cutoff, 1.0 / values, torch.zeros_like(values))
+        projected = (vectors.transpose(-1, -2) @ rhs.unsqueeze(-1)).squeeze(-1)
+        out[finite] = (vectors @ (inverse * projected).unsqueeze(-1)).squeeze(-1)
+    except RuntimeError:  # LAPACK did not converge: SVD-based least squares on the CPU
+        cpu = torch.linalg.lstsq(matrix.cpu().double(), rhs.cpu().double().unsqueeze(-1), driver="gelsd")
+        out[finite] = cpu.solution.squeeze(-1).to(rhs.device, rhs.dtype)
+    return out
+
+
 def _solve_dense(matrix: Tensor, rhs: Tensor, ridge: float) -> Tensor:
-    """Cholesky solve of the SPD system ``(S + ridge·I) x = rhs``, eigen-solve fallback."""
+    """Cholesky solve of the SPD system ``(S + ridge·I) x = rhs``, eigen/least-squares fallback."""
     eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
     regularised = matrix + ridge * eye
     factor, info = torch.linalg.cholesky_ex(regularised)
     solution = torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
     bad = (info != 0) | ~torch.isfinite(solution).all(-1)
-    if bad.any():  # (numerically) singular: minimum-norm solution via the eigen-decomposition
-        values, vectors = torch.linalg.eigh(regularised[bad])
-        cutoff = values.abs().amax(-1, keepdim=True) * regularised.shape[-1] * torch.finfo(values.dtype).eps
-        inverse = torch.where(values.abs() > cutoff, 1.0 / values, torch.zeros_like(values))
-        projected = (vectors.transpose(-1, -2) @ rhs[bad].unsqueeze(-1)).squeeze(-1)
+    if bad.any():  # (numerically) singular: minimum-norm solution
         solution = solution.clone()
-        solution[bad] = (vectors @ (inverse * projected).unsqueeze(-1)).squeeze(-1)
+        solution[bad] = _min_norm_solve(regularised[bad], rhs[bad])
     return solution
 
 
@@ -151,18 +186,22 @@ class _ImplicitSinkhorn(torch.autograd.Function):
         ridge: float,
         cg_max_iter: int,
         cg_tol: float,
+        work_dtype: torch.dtype,
     ) -> Tensor:
         with torch.no_grad():
-            plan = _log_sinkhorn(logits / tau, n_iter).exp()
-        ctx.save_for_backward(plan)
+            plan = _log_sinkhorn(logits.to(work_dtype) / tau, n_iter).exp()
+        ctx.save_for_backward(plan)  # kept in the work dtype: the solve below runs in it
         ctx.settings = (tau, solver, ridge, cg_max_iter, cg_tol)
-        return plan
+        return plan.to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_plan: Tensor):
         (plan,) = ctx.saved_tensors
         tau, solver, ridge, cg_max_iter, cg_tol = ctx.settings
-        g_hat = grad_plan * plan  # a new tensor: the incoming gradient is never written
+        out_dtype, none = grad_plan.dtype, (None,) * 7
+        if plan.shape[-1] == 1:  # the only 1×1 plan is [[1]], whatever the logits
+            return torch.zeros_like(grad_plan), *none
+        g_hat = grad_plan.to(plan.dtype) * plan  # a new tensor: the incoming gradient is never written
         t_a = g_hat.sum(-1)
         t_b = g_hat.sum(-2)
         if solver == "full":
@@ -176,7 +215,7 @@ class _ImplicitSinkhorn(torch.autograd.Function):
             d_b = torch.cat([d_b_head, torch.zeros_like(d_b_head[..., :1])], dim=-1)
             d_a = (t_a - (plan @ d_b.unsqueeze(-1)).squeeze(-1)) / a
         grad_logits = (g_hat - plan * (d_a.unsqueeze(-1) + d_b.unsqueeze(-2))) / tau
-        return grad_logits, None, None, None, None, None, None
+        return grad_logits.to(out_dtype), *none
 
 
 def sinkhorn(
@@ -195,20 +234,24 @@ def sinkhorn(
     ``backward="implicit"`` differentiates the fixed point (memory independent of
     ``n_iter``; exact once the forward has converged, see :func:`marginal_error`);
     ``"unrolled"`` backpropagates through every iteration (the reference).
-    Raises ``ValueError`` for ``τ ≤ 0``, ``n_iter < 1`` or non-finite logits.
+    Half/bfloat16 logits are computed (and differentiated) in float32, logits whose
+    ``X / τ`` would overflow in float64; the plan has the logits' dtype.
+    Raises ``ValueError`` for ``τ ≤ 0``, ``n_iter < 1``, non-finite logits, or
+    ``X / τ`` overflowing even float64.
     """
     _check_inputs(logits, tau, n_iter)
+    work_dtype = _work_dtype(logits, float(tau))
     if backward == "unrolled":
-        return _log_sinkhorn(logits / tau, int(n_iter)).exp()
+        return _log_sinkhorn(logits.to(work_dtype) / tau, int(n_iter)).exp().to(logits.dtype)
     if backward != "implicit":
         raise ValueError(f"backward must be 'implicit' or 'unrolled', got {backward!r}.")
     if linear_solver not in ("schur", "cg", "full"):
         raise ValueError(f"linear_solver must be 'schur', 'cg' or 'full', got {linear_solver!r}.")
     n = logits.shape[-1]
-    ridge = _default_ridge(logits.dtype) if ridge is None else float(ridge)
+    ridge = _default_ridge(work_dtype) if ridge is None else float(ridge)
     cg_iters = cg_max_iter if cg_max_iter is not None else 2 * n
     return _ImplicitSinkhorn.apply(
-        logits, float(tau), int(n_iter), linear_solver, ridge, int(cg_iters), float(cg_tol)
+        logits, float(tau), int(n_iter), linear_solver, ridge, int(cg_iters), float(cg_tol), work_dtype
     )
 
 

@@ -5,7 +5,16 @@ tensor axis: ``None`` (never permuted) or an :class:`AxisPermutation` naming the
 group. An axis of length ``outer · size · inner`` is permuted in blocks: with the
 group's index ``idx``, position ``(o, c, i)`` takes the value at ``(o, idx[c], i)``.
 ``inner > 1`` arises when a channel axis is flattened before a linear layer
-(``inner = H·W``).
+(``inner = H·W``), ``outer > 1`` when one tensor stacks several blocks of the same
+units (an LSTM's four gates).
+
+An axis may carry several *parts*, given as a tuple of :class:`AxisPermutation`:
+parts at different ``offset`` s permute disjoint segments of the axis (a concatenation
+of groups, e.g. a DenseNet layer's input), and parts over the same segment are applied
+one after the other, in order (attention heads: the dimensions within each head, then
+whole heads). A group with ``blocks = B`` only has permutations that keep every unit
+inside its block of ``size / B`` consecutive units (channels of one GroupNorm group,
+dimensions of one attention head).
 
 Specs are derived automatically with :meth:`PermutationSpec.from_model` (see
 :mod:`avalanche_rebasin.discovery`) or written by hand.
@@ -15,24 +24,35 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-if TYPE_CHECKING:
-    from .discovery import UnsupportedPolicy
-
-__all__ = ["AxisPermutation", "GroupMember", "PermutationSpec"]
+__all__ = ["AxisEntry", "AxisPermutation", "GroupMember", "PermutationSpec", "axis_parts"]
 
 
 @dataclass(frozen=True)
 class AxisPermutation:
-    """One tensor axis permuted by ``group``, in blocks of ``inner`` repeated ``outer`` times."""
+    """A segment of one tensor axis permuted by ``group``.
+
+    The segment starts at ``offset`` and has length ``outer · size · inner``: units in
+    blocks of ``inner``, the whole pattern repeated ``outer`` times.
+    """
 
     group: str
     inner: int = 1
     outer: int = 1
+    offset: int = 0
+
+
+AxisEntry = AxisPermutation | tuple[AxisPermutation, ...] | None
+
+
+def axis_parts(entry: AxisEntry) -> tuple[AxisPermutation, ...]:
+    """The parts of one axis entry, in the order they are applied."""
+    if entry is None:
+        return ()
+    return entry if isinstance(entry, tuple) else (entry,)
 
 
 @dataclass(frozen=True)
@@ -43,6 +63,8 @@ class GroupMember:
     axis: int
     inner: int = 1
     outer: int = 1
+    offset: int = 0
+    position: int = 0  # index of this part among the axis's parts
 
 
 @dataclass(frozen=True)
@@ -51,58 +73,64 @@ class PermutationSpec:
 
     Attributes:
         group_sizes: group name → number of units it permutes.
-        axes: tensor name (as in ``state_dict``) → one entry per axis, ``None`` or
-            an :class:`AxisPermutation`.
+        axes: tensor name (as in ``state_dict``) → one entry per axis: ``None``, an
+            :class:`AxisPermutation`, or a tuple of them (see the module docstring).
+        group_blocks: group name → number of blocks its units may not leave (default 1).
+
+    ``PermutationSpec.from_model(model, example_input)`` discovers the spec by tracing
+    (see :func:`avalanche_rebasin.discovery.discover_spec`).
     """
 
     group_sizes: Mapping[str, int]
-    axes: Mapping[str, tuple[AxisPermutation | None, ...]]
+    axes: Mapping[str, tuple[AxisEntry, ...]]
+    group_blocks: Mapping[str, int] = field(default_factory=dict)
     members: Mapping[str, tuple[GroupMember, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         members: dict[str, list[GroupMember]] = {g: [] for g in self.group_sizes}
         for tensor, entries in self.axes.items():
             for axis, entry in enumerate(entries):
-                if entry is None:
-                    continue
-                if entry.group not in members:
-                    raise ValueError(
-                        f"Tensor '{tensor}' axis {axis} refers to group '{entry.group}', which "
-                        f"is not in group_sizes {sorted(self.group_sizes)}."
+                for position, part in enumerate(axis_parts(entry)):
+                    if part.group not in members:
+                        raise ValueError(
+                            f"Tensor '{tensor}' axis {axis} refers to group '{part.group}', which "
+                            f"is not in group_sizes {sorted(self.group_sizes)}."
+                        )
+                    if part.inner < 1 or part.outer < 1 or part.offset < 0:
+                        raise ValueError(
+                            f"Tensor '{tensor}' axis {axis}: inner/outer must be >= 1, offset >= 0."
+                        )
+                    members[part.group].append(
+                        GroupMember(tensor, axis, part.inner, part.outer, part.offset, position)
                     )
-                if entry.inner < 1 or entry.outer < 1:
-                    raise ValueError(f"Tensor '{tensor}' axis {axis}: inner/outer must be >= 1.")
-                members[entry.group].append(GroupMember(tensor, axis, entry.inner, entry.outer))
+        blocks = {g: int(b) for g, b in self.group_blocks.items() if int(b) != 1}
+        for group, b in blocks.items():
+            if group not in self.group_sizes or b < 1 or self.group_sizes[group] % b:
+                raise ValueError(
+                    f"group_blocks['{group}'] = {b} must divide the size of a group of the spec."
+                )
         object.__setattr__(self, "group_sizes", dict(self.group_sizes))
         object.__setattr__(self, "axes", {k: tuple(v) for k, v in self.axes.items()})
+        object.__setattr__(self, "group_blocks", blocks)
         object.__setattr__(self, "members", {g: tuple(m) for g, m in members.items()})
 
+    def blocks(self, group: str) -> int:
+        """Number of blocks the units of ``group`` stay inside (1: any permutation)."""
+        return self.group_blocks.get(group, 1)
+
     # -- construction -----------------------------------------------------------------
-    @classmethod
-    def from_model(
-        cls,
-        model: nn.Module,
-        example_input: Any,
-        *,
-        unsupported: UnsupportedPolicy = "raise",
-    ) -> PermutationSpec:
-        """Discover the spec by running ``model`` once on ``example_input``.
-
-        See :func:`avalanche_rebasin.discovery.discover_spec`.
-        """
-        from .discovery import discover_spec
-
-        return discover_spec(model, example_input, unsupported=unsupported)
-
     @classmethod
     def from_groups(
         cls,
         groups: Mapping[str, Iterable[tuple[str, int] | tuple[str, int, int]]],
         shapes: Mapping[str, torch.Size | tuple[int, ...]],
+        *,
+        blocks: Mapping[str, int] | None = None,
     ) -> PermutationSpec:
         """Write a spec by hand: ``{"hidden1": [("fc1.weight", 0), ("fc1.bias", 0),
         ("fc2.weight", 1)]}``; a third tuple item gives ``inner``. ``shapes`` (for
-        instance ``{k: v.shape for k, v in model.state_dict().items()}``) sizes the groups.
+        instance ``{k: v.shape for k, v in model.state_dict().items()}``) sizes the groups;
+        ``blocks`` gives groups whose units must stay inside equal consecutive blocks.
         """
         axes: dict[str, list[AxisPermutation | None]] = {}
         sizes: dict[str, int] = {}
@@ -122,7 +150,7 @@ class PermutationSpec:
                         f"Group '{group}': tensor '{tensor}' axis {axis} has length {shape[axis]}, "
                         f"inconsistent with group size {sizes[group]} (inner={inner})."
                     )
-        return cls(sizes, {k: tuple(v) for k, v in axes.items()})
+        return cls(sizes, {k: tuple(v) for k, v in axes.items()}, dict(blocks or {}))
 
     # -- editing --------------------------------------------------------------------------
     def without_groups(self, *names: str) -> PermutationSpec:
@@ -133,10 +161,11 @@ class PermutationSpec:
         sizes = {g: n for g, n in self.group_sizes.items() if g not in names}
         axes = {}
         for tensor, entries in self.axes.items():
-            kept = tuple(e if e is not None and e.group not in names else None for e in entries)
+            kept = tuple(_keep_parts(entry, names) for entry in entries)
             if any(e is not None for e in kept):
                 axes[tensor] = kept
-        return PermutationSpec(sizes, axes)
+        blocks = {g: b for g, b in self.group_blocks.items() if g not in names}
+        return PermutationSpec(sizes, axes, blocks)
 
     # -- queries -------------------------------------------------------------------------
     @property
@@ -161,21 +190,36 @@ class PermutationSpec:
             if len(entries) != len(shape):
                 raise ValueError(f"Tensor '{tensor}' has {len(shape)} axes, the spec expects {len(entries)}.")
             for axis, entry in enumerate(entries):
-                if entry is None:
-                    continue
-                expected = entry.outer * self.group_sizes[entry.group] * entry.inner
-                if shape[axis] != expected:
-                    raise ValueError(
-                        f"Tensor '{tensor}' axis {axis} has length {shape[axis]}, but group "
-                        f"'{entry.group}' needs {expected}; the spec belongs to another architecture."
-                    )
+                for part in axis_parts(entry):
+                    expected = part.outer * self.group_sizes[part.group] * part.inner
+                    whole = not isinstance(entry, tuple)  # a single part spans the whole axis
+                    if (whole and expected != shape[axis]) or part.offset + expected > shape[axis]:
+                        raise ValueError(
+                            f"Tensor '{tensor}' axis {axis} has length {shape[axis]}, but group "
+                            f"'{part.group}' needs {expected}"
+                            + (f" from offset {part.offset}" if part.offset else "")
+                            + "; the spec belongs to another architecture."
+                        )
 
     def summary(self) -> str:
         """One line per group: its size and the tensor axes it permutes."""
         lines = []
         for group, size in self.group_sizes.items():
             refs = ", ".join(
-                f"{m.tensor}[{m.axis}]" + (f"×{m.inner}" if m.inner > 1 else "") for m in self.members[group]
+                f"{m.tensor}[{m.axis}]"
+                + (f"@{m.offset}" if m.offset else "")
+                + (f"×{m.inner}" if m.inner > 1 else "")
+                + (f"×{m.outer}outer" if m.outer > 1 else "")
+                for m in self.members[group]
             )
+            if self.blocks(group) > 1:
+                size = f"{size} in {self.blocks(group)} blocks"
             lines.append(f"{group} ({size}): {refs}")
         return "\n".join(lines)
+
+
+def _keep_parts(entry: AxisEntry, dropped: Iterable[str]) -> AxisEntry:
+    kept = tuple(p for p in axis_parts(entry) if p.group not in dropped)
+    if not kept:
+        return None
+    return kept[0] if len(kept) == 1 and not isinstance(entry, tuple) else kept

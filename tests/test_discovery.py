@@ -108,17 +108,22 @@ def test_freeze_policy_is_function_preserving():
     assert (two(x) - permuted(x)).abs().max() < 1e-6
 
 
-def test_concat_along_features_is_rejected():
+def test_concat_along_features_permutes_each_segment_by_its_own_group():
     class Cat(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(8, 2)
+            self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(3, 5), nn.Linear(12, 2)
 
         def forward(self, x):
-            return self.c(torch.cat([self.a(x), self.b(x)], dim=1))
+            return self.c(torch.cat([self.a(x), x, self.b(x)], dim=1))  # the input stays put
 
-    with pytest.raises(UnsupportedOperationError, match="concatenates along the permuted axis"):
-        PermutationSpec.from_model(Cat(), torch.randn(2, 3))
+    model = Cat()
+    spec = PermutationSpec.from_model(model, torch.randn(2, 3))
+    parts = spec.axes["c.weight"][1]
+    assert [(p.group, p.offset) for p in parts] == [("a", 0), ("b", 7)]
+    x = torch.randn(6, 3)
+    permuted = permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(0)))
+    assert (model(x) - permuted(x)).abs().max() < 1e-6
 
 
 def test_manual_spec_and_amendment():

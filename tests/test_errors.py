@@ -34,17 +34,18 @@ def test_nan_weights_are_rejected_and_models_kept():
 
 
 def test_unsupported_layer_is_named():
-    class Upsampler(nn.Module):
+    class Pair(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(3, 4)
-            self.up = nn.ConvTranspose1d(4, 4, 2)
+            self.pair = nn.Bilinear(4, 4, 2)
 
         def forward(self, x):
-            return self.up(self.fc(x).unsqueeze(-1))
+            h = self.fc(x)
+            return self.pair(h, h)
 
-    with pytest.raises(UnsupportedOperationError, match=r"conv_transpose1d.*module 'up' \(ConvTranspose1d\)"):
-        PermutationSpec.from_model(Upsampler(), torch.randn(2, 3))
+    with pytest.raises(UnsupportedOperationError, match=r"bilinear.*module 'pair' \(Bilinear\)"):
+        PermutationSpec.from_model(Pair(), torch.randn(2, 3))
 
 
 def test_missing_example_input_is_explained():

@@ -1,0 +1,433 @@
+"""Discovery rules for parameter-free tensor ops: element-wise maths, views, reshapes,
+reductions, pooling, concatenation and indexing.
+
+Shape-preserving and per-feature ops carry the permuted axis along; operands combined
+element-wise share one permutation (residual streams); a parameter reaching one of
+these ops through a view (``w.t()``, ``w.expand(...)``, ``w[None]``) is followed axis by
+axis, and any other use of a parameter pins it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._trace import FIXED, Feature, OpCall, ParamRef, Tracer, register_rule
+
+__all__ = ["ELEMENTWISE", "normalize_dims"]
+
+ELEMENTWISE = """
+relu relu_ relu6 gelu silu sigmoid tanh elu elu_ selu celu leaky_relu leaky_relu_ hardtanh hardtanh_
+hardswish hardsigmoid mish softplus softsign tanhshrink logsigmoid
+exp log log1p abs neg sqrt rsqrt square pow sin cos sign erf reciprocal clamp clamp_ clip
+dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout
+contiguous clone detach float double half bfloat16 to type cpu cuda requires_grad_
+zeros_like ones_like empty_like full_like rand_like randn_like
+add sub mul div true_divide maximum minimum where lerp addcmul addcdiv
+add_ sub_ mul_ div_ __add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ __mul__ __rmul__ __imul__
+__truediv__ __rtruediv__ __itruediv__ __neg__ __pow__ __rpow__ __abs__
+gt lt ge le eq ne __gt__ __lt__ __ge__ __le__ __eq__ __ne__ logical_and logical_or logical_not
+__and__ __or__ __invert__ masked_fill masked_fill_
+""".split()
+
+
+def normalize_dims(dim: Any, ndim: int) -> list[int] | None:
+    if dim is None:
+        return None
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return [d % ndim for d in dims] if ndim else []
+
+
+def _broadcast_ref(tr: Tracer, call: OpCall) -> ParamRef | None:
+    """The view of the single parameter operand of an op on unpermuted data, if the other
+    operands only broadcast (``w * 2``, ``w.to(x.dtype)``); else pin every parameter."""
+    out, tensors = call.out_tensors(), call.tensors()
+    refs = [(t, tr.param(t)) for t in tensors if tr.param(t) is not None]
+    others = [t for t in tensors if tr.param(t) is None]
+    if len(refs) == 1 and len(out) == 1 and all(t.numel() == 1 for t in others):
+        t, ref = refs[0]
+        if out[0].dim() >= t.dim() and out[0].shape[out[0].dim() - t.dim() :] == t.shape:
+            return ParamRef(ref.name, (None,) * (out[0].dim() - t.dim()) + ref.axes)
+    for _, ref in refs:
+        tr.fix_tensor(ref)
+    return None
+
+
+@register_rule(*ELEMENTWISE, params=True)
+def _elementwise(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
+    """Broadcasting element-wise ops: every operand varying along the axis shares it."""
+    out, tensors = call.out_tensors(), call.tensors()
+    permuted = [(t, tr.state(t)) for t in tensors if tr.state(t) is not None]
+    if not out:
+        return None
+    if not permuted:
+        return _broadcast_ref(tr, call)
+    ndim = out[0].dim()
+    first_t, first = permuted[0]
+    axis = first.axis + ndim - first_t.dim()
+    var = first.var
+    for t, s in permuted[1:]:
+        if (s.axis + ndim - t.dim(), s.size, s.inner, s.outer) != (
+            axis,
+            first.size,
+            first.inner,
+            first.outer,
+        ):
+            tr.unsupported(call, "its operands are permuted along different axes or layouts")
+            return None
+        var = tr.union(var, s.var)
+    feature = Feature(axis, var, first.size, first.inner, first.outer)
+    for t in tensors:
+        if tr.state(t) is not None:
+            continue
+        local = axis - (ndim - t.dim())
+        ref = tr.param(t)
+        if local < 0 or t.shape[local] == 1:  # broadcast along the permuted axis
+            tr.fix_tensor(ref)
+        elif ref is not None:  # a per-feature parameter (e.g. a learned scale)
+            tr.fix_tensor(ref, keep=(local,))
+            tr.assign(ref, local, feature)
+        else:  # a constant that varies along the axis cannot be permuted
+            tr.fix(feature)
+    return Feature(axis, tr.find(var), first.size, first.inner, first.outer)
+
+
+@register_rule("__get__", params=True)
+def _attribute(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
+    """Tensor properties: ``.data`` keeps the layout; ``.T``/``.mT`` reverse axes."""
+    x, out = call.args[0] if call.args else None, call.out
+    prop = getattr(getattr(call.func, "__self__", None), "__name__", "")
+    s, ref = tr.state(x), tr.param(x)
+    if not isinstance(out, Tensor) or (s is None and ref is None):
+        return None
+    order = list(range(x.dim()))
+    if prop in ("T", "mT", "H", "mH"):
+        order = order[::-1] if prop in ("T", "H") else [*order[:-2], *order[-2:][::-1]]
+    elif prop not in ("data", "real"):
+        tr.fix(s)
+        tr.fix_tensor(ref)
+        if s is not None:
+            tr.unsupported(call, f"the tensor property .{prop} of a permuted tensor")
+        return None
+    if ref is not None:
+        return ParamRef(ref.name, tuple(ref.axes[k] for k in order))
+    return s.moved(order.index(s.axis))
+
+
+@register_rule("softmax", "log_softmax", "softmin")
+def _equivariant(tr: Tracer, call: OpCall) -> Feature | None:
+    return tr.state(call.args[0])
+
+
+def _reshape_target(shape_in: torch.Size, shape_out: torch.Size, s: Feature) -> int | None:
+    """Output axis holding the unit index after a row-major reshape, or None if split."""
+    pre = s.outer * _prod(shape_in[: s.axis])
+    post = s.inner * _prod(shape_in[s.axis + 1 :])
+    before = 1
+    for b, length in enumerate(shape_out):
+        after = _prod(shape_out[b + 1 :])
+        if pre % before == 0 and post % after == 0 and (pre // before) * s.size * (post // after) == length:
+            return b
+        before *= length
+    return None
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def _reshape_ref(tr: Tracer, ref: ParamRef, shape_in: torch.Size, shape_out: torch.Size) -> ParamRef | None:
+    """A reshape of a parameter view that only adds or drops axes of length 1."""
+    kept_in = [a for a, d in zip(ref.axes, shape_in) if d != 1]
+    if [d for d in shape_in if d != 1] != [d for d in shape_out if d != 1]:
+        tr.fix_tensor(ref)
+        return None
+    it = iter(kept_in)
+    return ParamRef(ref.name, tuple(next(it) if d != 1 else None for d in shape_out))
+
+
+@register_rule(
+    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "ravel",
+    "squeeze_", "unsqueeze_", "expand", "expand_as", "broadcast_to", params=True,
+)  # fmt: skip
+def _reshape(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
+    x, out = call.args[0], call.out
+    s, ref = tr.state(x), tr.param(x)
+    if ref is not None:
+        if call.name in ("expand", "expand_as", "broadcast_to"):
+            return ParamRef(ref.name, (None,) * (out.dim() - x.dim()) + ref.axes)
+        return _reshape_ref(tr, ref, x.shape, out.shape)
+    if s is None:
+        return None
+    if call.name in ("expand", "expand_as", "broadcast_to"):
+        return s.moved(s.axis + out.dim() - x.dim())
+    axis = _reshape_target(x.shape, out.shape, s)
+    if axis is None:
+        tr.unsupported(call, f"reshaping {tuple(x.shape)} -> {tuple(out.shape)} splits the permuted axis")
+        return None
+    outer = s.outer * _prod(x.shape[: s.axis]) // _prod(out.shape[:axis])
+    return Feature(axis, s.var, s.size, out.shape[axis] // (outer * s.size), outer)
+
+
+def _axis_order(call: OpCall, ndim: int) -> list[int]:
+    """``order[k]``: the input axis that becomes output axis ``k``."""
+    order = list(range(ndim))
+    if call.name == "permute":
+        dims = call.arg(1, "dims") if "dims" in call.kwargs or not isinstance(call.args[1], int) else None
+        dims = call.args[1:] if dims is None else dims
+        return [d % ndim for d in dims]
+    if call.name == "t":
+        return order[::-1]
+    if call.name in ("movedim", "moveaxis"):
+        src = normalize_dims(call.arg(1, "source"), ndim)
+        dst = normalize_dims(call.arg(2, "destination"), ndim)
+        rest = iter(d for d in order if d not in src)
+        placed = dict(zip(dst, src))
+        return [placed[k] if k in placed else next(rest) for k in range(ndim)]
+    d0, d1 = call.arg(1, "dim0") % ndim, call.arg(2, "dim1") % ndim
+    order[d0], order[d1] = order[d1], order[d0]
+    return order
+
+
+@register_rule("transpose", "swapaxes", "permute", "t", "movedim", "moveaxis", params=True)
+def _transpose(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
+    x = call.args[0] if call.args else call.kwargs["input"]
+    s, ref = tr.state(x), tr.param(x)
+    if s is None and ref is None:
+        return None
+    order = _axis_order(call, x.dim())
+    if ref is not None:
+        return ParamRef(ref.name, tuple(ref.axes[k] for k in order))
+    return s.moved(order.index(s.axis))
+
+
+_REDUCTIONS = "sum mean amax amin std var logsumexp prod nansum nanmean norm max min median".split()
+
+
+@register_rule(*_REDUCTIONS, "argmax", "argmin")
+def _reduce(tr: Tracer, call: OpCall) -> Feature | None:
+    x = call.args[0]
+    s = tr.state(x)
+    if s is None:
+        return None
+    dim = call.arg(2 if call.name == "norm" else 1, "dim")
+    if isinstance(dim, Tensor):  # torch.max(a, b) is element-wise
+        return _elementwise(tr, call)
+    dims = normalize_dims(dim, x.dim())
+    gives_indices = call.name in ("argmax", "argmin") or (call.name in ("max", "min", "median") and dims)
+    if dims is None or s.axis in dims:
+        if gives_indices:
+            tr.unsupported(call, "its indices along the permuted axis depend on the permutation")
+        return None
+    out = call.out_tensors()[0]
+    axis = s.axis if out.dim() == x.dim() else s.axis - sum(d < s.axis for d in dims)
+    if out.shape[axis] != x.shape[s.axis]:
+        tr.unsupported(call, "could not follow the permuted axis through this reduction")
+        return None
+    return s.moved(axis)
+
+
+def _spatial(tr: Tracer, call: OpCall, spatial: int) -> Feature | None:
+    x = call.args[0]
+    s = tr.state(x)
+    if s is None:
+        return None
+    if s.axis >= x.dim() - spatial:
+        tr.unsupported(call, "it acts along the permuted axis")
+        return None
+    if call.out_tensors()[0].dim() != x.dim():
+        tr.unsupported(call, "it changes the number of axes")
+        return None
+    return s
+
+
+_POOLS = [
+    f"{kind}{d}d{suffix}"
+    for kind in ("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool", "lp_pool")
+    for d in (1, 2, 3)
+    for suffix in ("", "_with_indices")
+]
+
+
+@register_rule(*_POOLS)
+def _pool(tr: Tracer, call: OpCall) -> Feature | None:
+    match = re.search(r"(\d)d", call.name)
+    return _spatial(tr, call, int(match.group(1)) if match else 2)
+
+
+@register_rule("pad")
+def _pad(tr: Tracer, call: OpCall) -> Feature | None:
+    return _spatial(tr, call, len(call.arg(1, "pad")) // 2)
+
+
+@register_rule("interpolate", "upsample", "upsample_nearest", "upsample_bilinear")
+def _resize(tr: Tracer, call: OpCall) -> Feature | None:
+    return _spatial(tr, call, call.args[0].dim() - 2)
+
+
+@register_rule("cat", "concat", "concatenate", "stack", params=True)
+def _cat(tr: Tracer, call: OpCall) -> Feature | None:
+    """Along another axis, inputs share the permutation (a parameter such as ViT's class
+    token follows it); along the permuted axis, the output is their concatenation."""
+    parts = list(call.arg(0, "tensors"))
+    states = [tr.state(t) for t in parts]
+    if all(s is None for s in states):
+        for t in parts:
+            tr.fix_tensor(tr.param(t))
+        return None
+    out = call.out
+    dim = call.arg(1, "dim", 0) % out.dim()
+    ref = next(s for s in states if s is not None)
+    if call.name != "stack" and dim == ref.axis:
+        return _concatenate(tr, call, parts, states)
+    axis = ref.axis + (1 if call.name == "stack" and dim <= ref.axis else 0)
+    var = ref.var
+    for t, s in zip(parts, states):
+        if s is None:
+            view = tr.param(t)
+            if view is not None and t.shape[ref.axis] == ref.size * ref.inner * ref.outer:
+                tr.fix_tensor(view, keep=(ref.axis,))
+                tr.assign(view, ref.axis, ref)
+            else:
+                var = tr.union(var, FIXED)
+        elif s.layout != ref.layout:
+            tr.unsupported(call, "its inputs are permuted along different axes")
+            return None
+        else:
+            var = tr.union(var, s.var)
+    return Feature(axis, tr.find(var), ref.size, ref.inner, ref.outer)
+
+
+def _concatenate(
+    tr: Tracer, call: OpCall, parts: list[Tensor], states: list[Feature | None]
+) -> Feature | None:
+    """Concatenation along the permuted axis: a composite variable of the inputs' units."""
+    axis = next(s for s in states if s is not None).axis
+    pieces, offset = [], 0
+    for t, s in zip(parts, states):
+        tr.fix_tensor(tr.param(t))
+        if s is not None and (s.inner != 1 or s.outer != 1 or s.axis != axis):
+            tr.unsupported(call, "it concatenates inputs with different layouts along the permuted axis")
+            return None
+        pieces.append((FIXED if s is None else s.var, 1, 1, offset))
+        offset += t.shape[axis]
+    var = tr.vars.new_defined("cat", offset, pieces)
+    return Feature(axis, var, offset)
+
+
+def _index_items(index: Any) -> tuple:
+    return index if isinstance(index, tuple) else (index,)
+
+
+def _consumed(item: Any) -> int:
+    if item is None or item is Ellipsis:
+        return 0
+    if isinstance(item, Tensor) and item.dtype == torch.bool:
+        return item.dim()
+    return 1
+
+
+def _index_map(x: Tensor, items: tuple) -> list[tuple[int, Any, int]] | None:
+    """Basic indexing as ``(input axis, item, output axis or -1)``; None for advanced indexing."""
+    if any(isinstance(i, (Tensor, list)) for i in items):
+        return None
+    rows, in_dim, out_dim = [], 0, 0
+    for item in items:
+        if item is Ellipsis:
+            width = x.dim() - sum(_consumed(i) for i in items)
+            rows += [(in_dim + k, slice(None), out_dim + k) for k in range(width)]
+            in_dim, out_dim = in_dim + width, out_dim + width
+        elif item is None:
+            out_dim += 1
+        else:
+            rows.append((in_dim, item, -1 if isinstance(item, int) else out_dim))
+            in_dim, out_dim = in_dim + 1, out_dim + (0 if isinstance(item, int) else 1)
+    rows += [(in_dim + k, slice(None), out_dim + k) for k in range(x.dim() - in_dim)]
+    return rows
+
+
+def _index_ref(tr: Tracer, call: OpCall, ref: ParamRef) -> ParamRef | None:
+    x, out = call.args[0], call.out
+    rows = _index_map(x, _index_items(call.args[1]))
+    if rows is None:
+        tr.fix_tensor(ref)
+        return None
+    axes: list[int | None] = [None] * out.dim()
+    for axis, item, target in rows:
+        whole = isinstance(item, slice) and item == slice(None)
+        if whole and target >= 0:
+            axes[target] = ref.axes[axis]
+        elif ref.axes[axis] is not None:  # this parameter axis is indexed into: it stays put
+            tr.pin_axis(ref.name, ref.axes[axis])
+    return ParamRef(ref.name, tuple(axes))
+
+
+@register_rule("__getitem__", params=True)
+def _getitem(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
+    x, items = call.args[0], _index_items(call.args[1])
+    if any(isinstance(i, Tensor) and tr.state(i) is not None for i in items):
+        tr.unsupported(call, "its index is computed from a permuted tensor")
+        return None
+    for item in items:
+        if isinstance(item, Tensor):
+            tr.fix_tensor(tr.param(item))
+    ref, s = tr.param(x), tr.state(x)
+    if ref is not None:
+        return _index_ref(tr, call, ref)
+    if s is None:
+        return None
+    rows = _index_map(x, items)
+    if rows is None:
+        return _advanced_getitem(tr, call, s)
+    for axis, item, target in rows:
+        if axis == s.axis:
+            if isinstance(item, slice) and item == slice(None) and target >= 0:
+                return s.moved(target)
+            tr.unsupported(call, "it indexes into the permuted axis")
+            return None
+    tr.unsupported(call, "could not follow the permuted axis through this indexing")
+    return None
+
+
+def _advanced_getitem(tr: Tracer, call: OpCall, s: Feature) -> Feature | None:
+    """Indexing with one index tensor on an axis before the permuted one (e.g. ``h[rows]``)."""
+    x, items, out = call.args[0], _index_items(call.args[1]), call.out
+    tensors = [k for k, i in enumerate(items) if isinstance(i, (Tensor, list))]
+    before = items[: tensors[0]] if len(tensors) == 1 else None
+    if before is None or any(i is Ellipsis or i is None for i in items) or tensors[0] >= s.axis:
+        tr.unsupported(call, "advanced indexing that touches the permuted axis")
+        return None
+    index = items[tensors[0]]
+    removed = _consumed(index) if isinstance(index, Tensor) else 1
+    added = (1 if index.dtype == torch.bool else index.dim()) if isinstance(index, Tensor) else 1
+    axis = s.axis - removed + added
+    if axis >= out.dim() or out.shape[axis] != x.shape[s.axis]:
+        tr.unsupported(call, "could not follow the permuted axis through this indexing")
+        return None
+    return s.moved(axis)
+
+
+@register_rule("__setitem__")
+def _setitem(tr: Tracer, call: OpCall) -> None:
+    """``target[index] = value``: the written part must carry the target's permutation."""
+    target, index, value = call.args[0], call.args[1], call.args[2]
+    if any(isinstance(i, Tensor) and tr.state(i) is not None for i in _index_items(index)):
+        tr.unsupported(call, "its index is computed from a permuted tensor")
+        return None
+    s_t, s_v = tr.state(target), tr.state(value)
+    if (
+        s_t is not None
+        and s_v is not None
+        and (s_t.axis, s_t.size) == (s_v.axis + target.dim() - value.dim(), s_v.size)
+    ):
+        tr.union(s_t.var, s_v.var)
+        return None
+    tr.fix(s_t)  # partly permuted content cannot be permuted as a whole
+    tr.fix(s_v)
+    return None
