@@ -16,7 +16,10 @@ torchvision-layout copy from ``--data-root``. Permuted MNIST (Avalanche's ``Perm
 10 experiences by default) runs on the same embedded digits. Every strategy is evaluated
 on the whole test stream after every experience with Avalanche's evaluators. Writes to ``--out``:
 ``summary.md`` (mean ± std over seeds), ``runs.json`` / ``metrics.csv`` (every metric
-after every experience, Re-basin's per-experience diagnostics) and PNG plots.
+after every experience, Re-basin's per-experience diagnostics) and PNG plots. An ``--out``
+that holds runs made with other settings is refused (``--overwrite`` discards them); with the
+same settings the new runs are added to it. Every argument and strategy token is checked
+before anything runs, and the files are written to a temporary folder and then moved in.
 """
 
 from __future__ import annotations
@@ -25,8 +28,12 @@ import argparse
 import ast
 import csv
 import json
+import math
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict
@@ -51,7 +58,7 @@ from avalanche.training import AGEM, EWC, JointTraining, LwF, Naive  # noqa: E40
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin  # noqa: E402
 from avalanche.training.storage_policy import ExperienceBalancedBuffer  # noqa: E402
 
-from avalanche_rebasin.strategy import PRESETS, RebasinStrategy  # noqa: E402
+from avalanche_rebasin.strategy import PRESETS, RebasinConfig, RebasinStrategy  # noqa: E402
 
 STRATEGIES = [
     "naive",
@@ -85,6 +92,9 @@ PAPER_ROTATED = {
     "joint": (90.84, 0.00),
 }
 PER_CLASS_PER_EXP = 5  # replay budget of the authors' protocol
+# The arguments that define an experiment: runs that differ in any of them are never combined.
+SETTINGS = ("benchmark", "model", "epochs", "experiences", "validation", "full_mnist", "ewc_tuned_lambda")
+CIFAR_CLASSES = 100
 # Chosen by `--tune-ewc 1 10 100 1000 10000` on the validation split (results/<benchmark>/ewc_tuning.json).
 EWC_TUNED_LAMBDA = 1000.0
 
@@ -102,6 +112,7 @@ def parse_strategy(token: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"{token!r}: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     # Every strategy gets the harness's --epochs (equal budgets), unless a token overrides it.
     kwargs = {k: v for k, v in PRESETS[preset].items() if k != "rebasin_epochs"}
+    seen: set[str] = set()
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq:
@@ -111,6 +122,14 @@ def parse_strategy(token: str) -> tuple[str, dict[str, Any]]:
                 f"{token!r}: {key!r} is set by the harness "
                 "(use rebasin-nopermute / rebasin-noreplay / --seeds)"
             )
+        if key not in RebasinConfig.field_names():
+            raise ValueError(
+                f"{token!r}: unknown setting {key!r}; a rebasin override sets one of "
+                f"{sorted(set(RebasinConfig.field_names()) - set(RESERVED_OVERRIDES))}"
+            )
+        if key in seen:
+            raise ValueError(f"{token!r}: {key!r} is set twice; keep one {key}=value")
+        seen.add(key)
         try:
             kwargs[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -132,16 +151,24 @@ def make_benchmark(args: argparse.Namespace, seed: int):
         return RotatedMNIST(n, seed=seed, rotations_list=rotations, dataset_root=mnist_root(args)), 10
     if args.benchmark == "permuted-mnist":
         return PermutedMNIST(n, seed=seed, dataset_root=mnist_root(args)), 10
-    root = Path(args.data_root or Path(args.cache) / "cifar100")
+    root = cifar_root(args)
     if not (root / "cifar-100-python").exists():
-        raise SystemExit(
-            f"Split CIFAR-100 needs a local copy: put torchvision's 'cifar-100-python' folder under "
-            f"{root} (e.g. on an online machine: torchvision.datasets.CIFAR100('{root}', download=True)) "
-            "and pass --data-root."
-        )
+        raise SystemExit(missing_cifar(root))
     return SplitCIFAR100(
-        n, return_task_id=False, seed=seed, fixed_class_order=list(range(100)), dataset_root=root
-    ), 100
+        n, return_task_id=False, seed=seed, fixed_class_order=list(range(CIFAR_CLASSES)), dataset_root=root
+    ), CIFAR_CLASSES
+
+
+def cifar_root(args: argparse.Namespace) -> Path:
+    return Path(args.data_root or Path(args.cache) / "cifar100")
+
+
+def missing_cifar(root: Path) -> str:
+    return (
+        f"Split CIFAR-100 needs a local copy: put torchvision's 'cifar-100-python' folder under "
+        f"{root} (e.g. on an online machine: torchvision.datasets.CIFAR100('{root}', download=True)) "
+        "and pass --data-root."
+    )
 
 
 def make_model(args: argparse.Namespace, n_classes: int) -> nn.Module:
@@ -314,10 +341,12 @@ def summarize(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def merge_previous(records: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
-    """Keep runs from an earlier invocation into the same folder unless rerun now."""
+def merge_previous(records: list[dict[str, Any]], out: Path, overwrite: bool = False) -> list[dict[str, Any]]:
+    """Keep runs from an earlier invocation into the same folder unless rerun now (or ``overwrite``).
+
+    ``main`` has checked that those runs were made with the same :data:`SETTINGS`."""
     path = out / "runs.json"
-    if not path.exists():
+    if overwrite or not path.exists():
         return records
     fresh = {(r["strategy"], r["seed"]) for r in records}
     old = [r for r in json.loads(path.read_text())["runs"] if (r["strategy"], r["seed"]) not in fresh]
@@ -325,12 +354,27 @@ def merge_previous(records: list[dict[str, Any]], out: Path) -> list[dict[str, A
 
 
 def write_outputs(records: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Write every output into a temporary sibling folder, then move each file into ``--out``
+    (``runs.json`` last): an error while writing leaves ``--out`` as it was."""
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "runs.json").write_text(
-        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": records}, indent=1)
-    )
-    with open(out / "metrics.csv", "w", newline="") as f:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "runs.json").write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": records}, indent=1)
+        )
+        write_metrics_csv(records, tmp / "metrics.csv")
+        (tmp / "summary.md").write_text(summarize(records, args) + "\n")
+        plot(records, args, tmp)
+        out.mkdir(exist_ok=True)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "runs.json"):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_metrics_csv(records: list[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
             [
@@ -347,9 +391,6 @@ def write_outputs(records: list[dict[str, Any]], args: argparse.Namespace) -> No
             for row in r["history"]:
                 for e, a in row["per_exp"].items():
                     w.writerow([r["strategy"], r["seed"], row["after"], row["acc"], row["forgetting"], e, a])
-    summary = summarize(records, args)
-    (out / "summary.md").write_text(summary + "\n")
-    plot(records, args, out)
 
 
 def plot(records: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> None:
@@ -444,7 +485,8 @@ def tune_ewc(args: argparse.Namespace) -> None:
     best = max(trials, key=lambda t: t["val_acc"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ewc_tuning.json").write_text(
+    tmp = out / ".ewc_tuning.json.tmp"
+    tmp.write_text(
         json.dumps(
             {
                 "trials": trials,
@@ -455,10 +497,32 @@ def tune_ewc(args: argparse.Namespace) -> None:
             indent=1,
         )
     )
+    os.replace(tmp, out / "ewc_tuning.json")
     print(f"best lambda on validation: {best['lambda']:g} (written to {out}/ewc_tuning.json)")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _number(kind: type, low: float, rule: str):
+    """An argparse ``type``: ``kind(text)``, finite and ``>= low``, else an error that states ``rule``."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
+        if not (math.isfinite(value) and value >= low) or (kind is int and value > 2**32 - 1):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+
+    convert.__name__ = rule  # argparse names the type in some messages
+    return convert
+
+
+POSITIVE = _number(int, 1, "an integer >= 1")
+SEED = _number(int, 0, "an integer in [0, 2**32 - 1] (NumPy seeds the benchmark with it)")
+NON_NEGATIVE = _number(float, 0, "a finite number >= 0")
+
+
+def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--benchmark", choices=["rotated-mnist", "permuted-mnist", "split-cifar100"], default="rotated-mnist"
@@ -468,19 +532,25 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         default=DEFAULT_STRATEGIES,
         metavar="NAME[:PRESET][+key=value]",
-        help=f"from {STRATEGIES}; rebasin* take a preset from {sorted(PRESETS)} and overrides",
+        help=f"from {STRATEGIES}; rebasin* take a preset from {sorted(PRESETS)} and overrides "
+        "(RebasinConfig fields); every token is checked before anything runs",
     )
     p.add_argument(
         "--model", choices=MODELS, default="mlp1", help="MNIST: MLP with 1-3 hidden layers or a CNN"
     )
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--experiences", type=int, default=None)
-    p.add_argument("--ewc-tuned-lambda", type=float, default=EWC_TUNED_LAMBDA)
+    p.add_argument("--seeds", nargs="+", type=SEED, default=[0], help="distinct integers >= 0")
+    p.add_argument("--epochs", type=POSITIVE, default=5, help="epochs per experience (>= 1)")
+    p.add_argument(
+        "--experiences",
+        type=POSITIVE,
+        default=None,
+        help="(>= 1; Split CIFAR-100: a divisor of 100) default 20 on rotated-mnist, else 10; 5 with --quick",
+    )
+    p.add_argument("--ewc-tuned-lambda", type=NON_NEGATIVE, default=EWC_TUNED_LAMBDA)
     p.add_argument(
         "--tune-ewc",
         nargs="+",
-        type=float,
+        type=NON_NEGATIVE,
         metavar="LAMBDA",
         help="choose ewc-tuned's lambda on the validation split (never the test set)",
     )
@@ -488,7 +558,8 @@ def main(argv: list[str] | None = None) -> None:
         "--merge",
         nargs="+",
         metavar="DIR",
-        help="add the runs saved in DIR/runs.json to --out and rewrite its tables and plots (runs nothing)",
+        help="add the runs saved in DIR/runs.json to --out and rewrite its tables and plots (runs nothing); "
+        f"DIR's runs must have this invocation's settings ({', '.join(SETTINGS)})",
     )
     p.add_argument(
         "--validation",
@@ -500,13 +571,106 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-root", default=None)
     p.add_argument("--cache", default=".cache")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--out",
+        default=None,
+        help="results folder (default results/BENCHMARK[-MODEL][-quick]). If it holds a runs.json made with "
+        f"the same settings ({', '.join(SETTINGS)}), this run adds its strategy/seed runs to it, replacing "
+        "the ones it reruns; with other settings the run is refused before anything runs",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard the runs already in --out instead of refusing different settings or adding to them",
+    )
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before anything runs or is written, what would fail or mislead later."""
+    for option, values in (("--seeds", args.seeds), ("--strategies", args.strategies)):
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            p.error(f"{option} lists {', '.join(repeated)} more than once; give each once")
+    if args.benchmark == "split-cifar100":
+        if CIFAR_CLASSES % args.experiences:
+            divisors = [d for d in range(1, CIFAR_CLASSES + 1) if CIFAR_CLASSES % d == 0]
+            p.error(
+                f"--experiences {args.experiences}: Split CIFAR-100 needs a divisor of 100, one of {divisors}"
+            )
+        if not args.merge and not (cifar_root(args) / "cifar-100-python").exists():
+            p.error(missing_cifar(cifar_root(args)))
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        p.error(f"--device {args.device!r} is not a torch device ({err}); use e.g. cpu or cuda:0")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    check_strategies(p, args)
+
+
+def check_strategies(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Parse every token and build its strategy (untrained, on the CPU): a bad override fails here."""
+    n_classes = CIFAR_CLASSES if args.benchmark == "split-cifar100" else 10
+    trial = argparse.Namespace(**{**vars(args), "device": "cpu"})
     for token in args.strategies:
         try:
             parse_strategy(token)
         except ValueError as err:
-            p.error(str(err))
+            p.error(f"--strategies: {err}")
+        try:
+            build(token, trial, n_classes, 0, EvaluationPlugin(loggers=[]))
+        except (ValueError, TypeError) as err:
+            p.error(f"--strategies {token!r}: {err}")
+
+
+def recorded_settings(p: argparse.ArgumentParser, path: Path, what: str) -> tuple[dict[str, str], list]:
+    """The :data:`SETTINGS` and runs saved in ``path`` (a runs.json); refuse an unreadable one."""
+    try:
+        saved = json.loads(path.read_text())
+        runs, recorded = saved["runs"], saved["args"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        p.error(f"{what}: cannot read {path} ({err}); {path.parent} is not a results folder of this script")
+    defaults = {k: str(p.get_default(k)) for k in SETTINGS}  # files older than a setting
+    return {k: str(recorded.get(k, defaults[k])) for k in SETTINGS}, runs
+
+
+def check_settings(
+    p: argparse.ArgumentParser, args: argparse.Namespace, path: Path, what: str, fix: str
+) -> list:
+    """Refuse to combine the runs in ``path`` with this invocation's unless the settings match."""
+    theirs, runs = recorded_settings(p, path, what)
+    ours = {k: str(getattr(args, k)) for k in SETTINGS}
+    diff = [f"{k} {theirs[k]} there, {ours[k]} now" for k in SETTINGS if theirs[k] != ours[k]]
+    if diff:
+        p.error(f"{what} holds runs made with other settings ({'; '.join(diff)}); {fix}")
+    return runs
+
+
+def check_out(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file; choose a folder")
+    if args.overwrite or not (out / "runs.json").exists():
+        return
+    fix = "averaging them would mix experiments: choose a new --out, delete the folder, or pass --overwrite"
+    check_settings(p, args, out / "runs.json", f"--out {out}", fix)
+
+
+def read_merge(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[str, Any]]:
+    runs = []
+    for d in args.merge:
+        path = Path(d) / "runs.json"
+        if not path.is_file():
+            p.error(f"--merge {d}: no runs.json there; pass the --out folder of an earlier run")
+        fix = "pass the settings it was run with (see its runs.json) or merge it into another --out"
+        runs += check_settings(p, args, path, f"--merge {d}", fix)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = make_parser()
+    args = p.parse_args(argv)
     if args.experiences is None:
         args.experiences = 5 if args.quick else (20 if args.benchmark == "rotated-mnist" else 10)
     if args.quick:
@@ -514,12 +678,13 @@ def main(argv: list[str] | None = None) -> None:
         args.seeds = args.seeds[:1]
     model = "" if args.model == "mlp1" else f"-{args.model}"
     args.out = args.out or f"results/{args.benchmark}{model}{'-quick' if args.quick else ''}"
+    check_args(p, args)
     if args.tune_ewc:
         tune_ewc(args)
         return
+    check_out(p, args)
     if args.merge:
-        extra = [r for d in args.merge for r in json.loads((Path(d) / "runs.json").read_text())["runs"]]
-        records = merge_previous(extra, Path(args.out))
+        records = merge_previous(read_merge(p, args), Path(args.out), args.overwrite)
         write_outputs(records, args)
         print(summarize(records, args))
         return
@@ -533,8 +698,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"{record['final_forgetting']:.3f}  train {record['train_seconds_per_exp']:.2f} s/exp",
                 flush=True,
             )
-            records_all = merge_previous(records, Path(args.out))
+            records_all = merge_previous(records, Path(args.out), args.overwrite)
             write_outputs(records_all, args)  # partial results survive an interruption
+            args.overwrite = False  # what was there is gone; later writes add to this run's
     print("\n" + summarize(merge_previous(records, Path(args.out)), args))
     print(f"\nwritten to {args.out}/")
 

@@ -1,11 +1,26 @@
 """The README's first command, `benchmarks/continual.py --quick`, runs end to end offline."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_harness() -> Any:
+    spec = importlib.util.spec_from_file_location("continual_harness", ROOT / "benchmarks" / "continual.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load_harness()
 
 
 def test_quick_comparison_runs_offline_and_writes_results(tmp_path):
@@ -69,3 +84,121 @@ def test_presets_overrides_models_and_permuted_mnist_run_from_the_command_line(t
         [*cmd[:2], "--strategies", "replay:consistent"], capture_output=True, text=True, cwd=tmp_path
     )
     assert bad.returncode != 0 and "presets and overrides apply only to" in bad.stderr
+
+
+# -- command-line checks: every one refuses before anything runs or is written (issue 10) ----------
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a strategy ran")
+
+    monkeypatch.setattr(harness, "run_one", refuse)
+
+
+def _refused(argv: list[str], tmp_path: Path, capsys) -> str:
+    """Run main with argv (into tmp_path/out); assert a usage error and return its message."""
+    with pytest.raises(SystemExit) as exit_info:
+        harness.main([*argv, "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [
+        ("rebasin+foo=1", "unknown setting 'foo'"),
+        ("rebasin:consistent+train_mb_size=10", "unknown setting 'train_mb_size'"),
+        ("rebasin+alpha=abc", "alpha must be a number in [0, 1], got 'abc'"),
+        ("rebasin-nopermute+alpha=2", "alpha must be a number in [0, 1], got 2"),
+        ("rebasin+sinkhorn_iters=0.5", "sinkhorn_iters must be an integer >= 1"),
+        ("rebasin+alpha", "is not key=value"),
+        ("rebasin+alpha=0.1+alpha=0.2", "'alpha' is set twice"),
+        ("rebasin+seed=3", "is set by the harness"),
+        ("rebasin:fast", "unknown preset 'fast'"),
+        ("replay+alpha=0.1", "presets and overrides apply only to"),
+    ],
+)
+def test_bad_strategy_tokens_are_refused_before_any_strategy_runs(
+    token, message, tmp_path, capsys, no_training
+):
+    err = _refused(["--strategies", "naive", token], tmp_path, capsys)
+    assert message in err and "--strategies" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "0"], "--epochs: must be an integer >= 1, got '0'"),
+        (["--epochs", "-2"], "--epochs: must be an integer >= 1"),
+        (["--experiences", "0"], "--experiences: must be an integer >= 1, got '0'"),
+        (["--seeds", "-1"], "--seeds: must be an integer in [0, 2**32 - 1]"),
+        (["--seeds", "0", "1", "0"], "--seeds lists 0 more than once"),
+        (["--seeds", "x"], "--seeds: must be an integer"),
+        (["--strategies", "naive", "naive"], "--strategies lists naive more than once"),
+        (["--ewc-tuned-lambda", "-1"], "--ewc-tuned-lambda: must be a finite number >= 0"),
+        (["--ewc-tuned-lambda", "nan"], "--ewc-tuned-lambda: must be a finite number >= 0"),
+        (["--tune-ewc", "10", "-5"], "--tune-ewc: must be a finite number >= 0"),
+        (["--benchmark", "split-cifar100", "--experiences", "7"], "needs a divisor of 100"),
+        (["--benchmark", "split-cifar100"], "Split CIFAR-100 needs a local copy"),
+        (["--device", "nonsense"], "is not a torch device"),
+        (["--merge", "no-such-folder"], "--merge no-such-folder: no runs.json there"),
+    ],
+)
+def test_bad_numbers_and_folders_are_refused_with_the_fix(argv, message, tmp_path, capsys, no_training):
+    assert message in _refused(argv, tmp_path, capsys)
+
+
+def _fake_run(name: str, args: Any, seed: int) -> dict[str, Any]:
+    row = {"after": 0, "acc": 0.5, "forgetting": 0.0, "per_exp": {0: 0.5}}
+    return {"strategy": name, "seed": seed, "final_acc": 0.5, "final_forgetting": 0.0,
+            "train_seconds_per_exp": 0.0, "history": [row]}  # fmt: skip
+
+
+def _saved(folder: Path, **settings: str) -> Path:
+    args = {"benchmark": "rotated-mnist", "model": "mlp1", "epochs": "5", "experiences": "20"}
+    args |= {"validation": "False", "full_mnist": "False", "ewc_tuned_lambda": "1000.0", **settings}
+    folder.mkdir()
+    (folder / "runs.json").write_text(json.dumps({"args": args, "runs": [_fake_run("naive", None, 7)]}))
+    return folder
+
+
+@pytest.mark.parametrize("option", ["--out", "--merge"])
+def test_runs_with_other_settings_are_never_combined(option, tmp_path, capsys, no_training):
+    saved = _saved(tmp_path / "saved", epochs="1", validation="True")
+    before = (saved / "runs.json").read_text()
+    argv = ["--strategies", "naive", "--out", str(saved)]
+    if option == "--merge":
+        argv = [*argv[:2], "--merge", str(saved), "--out", str(tmp_path / "merged")]
+    with pytest.raises(SystemExit):
+        harness.main(argv)
+    err = capsys.readouterr().err
+    assert f"{option} {saved} holds runs made with other settings" in err
+    assert "(epochs 1 there, 5 now; validation True there, False now)" in err
+    assert ("--overwrite" in err.splitlines()[-1]) == (option == "--out")
+    assert (saved / "runs.json").read_text() == before and sorted(tmp_path.iterdir()) == [saved]
+
+
+def test_same_settings_add_runs_and_overwrite_replaces_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "run_one", _fake_run)
+    monkeypatch.setattr(harness, "plot", lambda *args: None)
+    out = _saved(tmp_path / "out")
+    harness.main(["--strategies", "naive", "--seeds", "0", "--out", str(out)])
+    assert sorted(r["seed"] for r in json.loads((out / "runs.json").read_text())["runs"]) == [0, 7]
+    harness.main(["--strategies", "naive", "--epochs", "2", "--overwrite", "--out", str(out)])
+    saved = json.loads((out / "runs.json").read_text())
+    assert [r["seed"] for r in saved["runs"]] == [0] and saved["args"]["epochs"] == "2"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["out"]  # no temporary folder left
+
+
+def test_an_error_while_writing_leaves_no_results_folder(tmp_path, monkeypatch):
+    def broken_plot(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(harness, "run_one", _fake_run)
+    monkeypatch.setattr(harness, "plot", broken_plot)
+    with pytest.raises(RuntimeError, match="disk full"):
+        harness.main(["--strategies", "naive", "--out", str(tmp_path / "out")])
+    assert list(tmp_path.iterdir()) == []
