@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._trace import FIXED, Feature, OpCall, ParamRef, Tracer, register_rule
+from ._trace import FIXED, Feature, OpCall, ParamRef, Stacked, Tracer, register_rule
 
 __all__ = ["ELEMENTWISE", "normalize_dims"]
 
@@ -169,10 +169,25 @@ def _reshape(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
         return s.moved(s.axis + out.dim() - x.dim())
     axis = _reshape_target(x.shape, out.shape, s)
     if axis is None:
-        tr.unsupported(call, f"reshaping {tuple(x.shape)} -> {tuple(out.shape)} splits the permuted axis")
-        return None
+        return _split(tr, call, s)
     outer = s.outer * _prod(x.shape[: s.axis]) // _prod(out.shape[:axis])
     return Feature(axis, s.var, s.size, out.shape[axis] // (outer * s.size), outer)
+
+
+def _split(tr: Tracer, call: OpCall, s: Feature) -> Feature | None:
+    """An axis of units split into ``(heads, per_head)`` (multi-head attention written by
+    hand): the units move in whole blocks of ``per_head``, permuted on the first new axis."""
+    x, out = call.args[0], call.out
+    pre = _prod(x.shape[: s.axis])
+    for a in range(out.dim() - 1):
+        heads, per_head = out.shape[a], out.shape[a + 1]
+        if _prod(out.shape[:a]) == pre and heads * per_head == s.size and s.inner == s.outer == 1:
+            name = tr.vars.names[s.var] + ".heads"
+            head = tr.new_var(name, heads)
+            tr.union(s.var, tr.vars.new_defined(name, s.size, [(head, per_head, 1, 0)]))
+            return Feature(a, head, heads)
+    tr.unsupported(call, f"reshaping {tuple(x.shape)} -> {tuple(out.shape)} splits the permuted axis")
+    return None
 
 
 def _axis_order(call: OpCall, ndim: int) -> list[int]:
@@ -304,6 +319,31 @@ def _cat(tr: Tracer, call: OpCall) -> Feature | None:
     return Feature(axis, tr.find(var), ref.size, ref.inner, ref.outer)
 
 
+@register_rule("chunk", "split", "split_with_sizes", "tensor_split", "unbind")
+def _split_op(tr: Tracer, call: OpCall) -> list[Feature | None] | None:
+    """Pieces along another axis keep the units; pieces along the permuted axis are the
+    segments of a concatenation (each its own group, as ``torch.cat`` would make them)."""
+    x, outputs = call.args[0], call.out_tensors()
+    s = tr.state(x)
+    if s is None:
+        return None
+    dim = call.arg(1 if call.name == "unbind" else 2, "dim", 0) % x.dim()
+    if dim != s.axis:
+        axis = s.axis - (1 if call.name == "unbind" and dim < s.axis else 0)
+        return [s.moved(axis)] * len(outputs)
+    if call.name == "unbind" or s.inner != 1 or s.outer != 1:
+        tr.unsupported(call, "it splits the permuted axis into single units or blocks of another layout")
+        return None
+    pieces, offset, states = [], 0, []
+    for k, t in enumerate(outputs):
+        var = tr.new_var(f"{tr.vars.names[s.var]}.{k}", t.shape[dim])
+        pieces.append((var, 1, 1, offset))
+        states.append(Feature(dim, var, t.shape[dim]))
+        offset += t.shape[dim]
+    tr.union(s.var, tr.vars.new_defined(tr.vars.names[s.var], s.size, pieces))
+    return states
+
+
 def _concatenate(
     tr: Tracer, call: OpCall, parts: list[Tensor], states: list[Feature | None]
 ) -> Feature | None:
@@ -377,9 +417,11 @@ def _getitem(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
     for item in items:
         if isinstance(item, Tensor):
             tr.fix_tensor(tr.param(item))
-    ref, s = tr.param(x), tr.state(x)
+    ref, s, stacked = tr.param(x), tr.state(x), tr.stacked(x)
     if ref is not None:
         return _index_ref(tr, call, ref)
+    if stacked is not None:
+        return _stacked_slice(tr, x, items, stacked)
     if s is None:
         return None
     rows = _index_map(x, items)
@@ -392,6 +434,18 @@ def _getitem(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
             tr.unsupported(call, "it indexes into the permuted axis")
             return None
     tr.unsupported(call, "could not follow the permuted axis through this indexing")
+    return None
+
+
+def _stacked_slice(tr: Tracer, x: Tensor, items: tuple, stacked: Stacked) -> Feature | None:
+    """``h_n[k]`` (e.g. ``h_n[-1]``): one layer's slice carries that layer's units."""
+    rows = _index_map(x, items)
+    picked = [(axis, item) for axis, item, _ in rows or [] if item != slice(None)]
+    if rows is not None and len(picked) == 1 and picked[0][0] == stacked.axis:
+        _, item = picked[0]
+        if isinstance(item, int):
+            return Feature(x.dim() - 2, stacked.vars[item], stacked.size)
+    tr.pin(x)
     return None
 
 

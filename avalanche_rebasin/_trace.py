@@ -26,6 +26,7 @@ __all__ = [
     "Feature",
     "OpCall",
     "ParamRef",
+    "Stacked",
     "Tracer",
     "UnsupportedOperationError",
     "UnsupportedPolicy",
@@ -58,6 +59,16 @@ class Feature:
     @property
     def layout(self) -> tuple[int, int, int, int]:
         return (self.axis, self.size, self.inner, self.outer)
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """A tensor whose slices along ``axis`` carry different variables on their last axis
+    (an RNN's final states, one slice per layer and direction)."""
+
+    axis: int
+    vars: tuple[int, ...]
+    size: int
 
 
 @dataclass(frozen=True)
@@ -186,7 +197,7 @@ class Tracer(TorchFunctionMode):
         self.vars = Variables()
         self.tensor_names = names
         self.shapes = shapes
-        self._states: dict[int, tuple[Tensor, Feature | ParamRef | None]] = {}
+        self._states: dict[int, tuple[Tensor, Feature | ParamRef | Stacked | None]] = {}
         self.assignments: dict[tuple[str, int], list[tuple[Part, ...]]] = {}
         self.module_stack: list[str] = []
         self.module_types: dict[str, str] = {}
@@ -209,7 +220,7 @@ class Tracer(TorchFunctionMode):
             self.union(feature.var, FIXED)
 
     # -- tensors ------------------------------------------------------------------------
-    def _entry(self, tensor: Any) -> Feature | ParamRef | None:
+    def _entry(self, tensor: Any) -> Feature | ParamRef | Stacked | None:
         if not isinstance(tensor, Tensor):
             return None
         entry = self._states.get(id(tensor))
@@ -225,12 +236,23 @@ class Tracer(TorchFunctionMode):
             return None
         return Feature(entry.axis, self.find(entry.var), entry.size, entry.inner, entry.outer)
 
+    def stacked(self, tensor: Any) -> Stacked | None:
+        entry = self._entry(tensor)
+        return entry if isinstance(entry, Stacked) else None
+
+    def pin(self, tensor: Any) -> None:
+        """``tensor`` must keep its layout: pin whatever permutes it."""
+        self.fix(self.state(tensor))
+        stacked = self.stacked(tensor)
+        for var in stacked.vars if stacked is not None else ():
+            self.union(var, FIXED)
+
     def param(self, tensor: Any) -> ParamRef | None:
         """The parameter/buffer ``tensor`` is a view of, or None."""
         entry = self._entry(tensor)
         return entry if isinstance(entry, ParamRef) else None
 
-    def set_state(self, tensor: Tensor, state: Feature | ParamRef | None) -> None:
+    def set_state(self, tensor: Tensor, state: Feature | ParamRef | Stacked | None) -> None:
         self._states[id(tensor)] = (tensor, state)
 
     # -- parameter axes -------------------------------------------------------------------
@@ -304,9 +326,11 @@ class Tracer(TorchFunctionMode):
         outputs = call.out_tensors()
         if name in METADATA and not outputs:
             return out
-        if name not in PARAM_AWARE:
-            for tensor in call.tensors():
+        for tensor in call.tensors():
+            if name not in PARAM_AWARE:
                 self.fix_tensor(self.param(tensor))
+            if name != "__getitem__" and self.stacked(tensor) is not None:
+                self.pin(tensor)  # only indexing a single slice out is followed
         rule = RULES.get(name, no_rule)
         result = rule(self, call)
         states = result if isinstance(result, list) else [result] * len(outputs)

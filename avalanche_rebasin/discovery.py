@@ -28,7 +28,8 @@ model is never modified. Ops that see a permuted tensor but have no rule raise
 from __future__ import annotations
 
 import copy
-import gc
+import types
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -62,19 +63,28 @@ _MAX_REACHABLE = 200_000
 
 
 def _reachable_tensors(root: Any) -> list[Tensor]:
-    """Every tensor reachable from ``root`` through any container or object (a
-    ``SimpleNamespace``, a plain dataclass, a closure), without entering modules."""
+    """Every tensor inside ``root``: through sequences, sets, mappings and the attributes of
+    any object (a ``SimpleNamespace``, a dataclass, a custom output class), not modules."""
     found, seen, stack = [], set(), [root]
     while stack and len(seen) < _MAX_REACHABLE:
         obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, (nn.Module, type, str, bytes, int, float)):
+        if id(obj) in seen or isinstance(obj, _OPAQUE):
             continue
         seen.add(id(obj))
         if isinstance(obj, Tensor):
             found.append(obj)
-            continue
-        stack.extend(gc.get_referents(obj))
+        elif isinstance(obj, Mapping):
+            stack.extend([*obj.keys(), *obj.values()])
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        else:
+            stack.extend(getattr(obj, "__dict__", {}).values())
+            slots = [s for cls in type(obj).__mro__ for s in getattr(cls, "__slots__", ())]
+            stack.extend(getattr(obj, s) for s in slots if isinstance(s, str) and hasattr(obj, s))
     return found
+
+
+_OPAQUE = (nn.Module, type, types.ModuleType, types.FunctionType, types.MethodType, str, bytes, int, float)
 
 
 def _stored_tensors(model: nn.Module) -> list[Tensor]:
@@ -118,7 +128,7 @@ def _run(tracer: Tracer, model: nn.Module, args: tuple, train: bool) -> None:
         for handle in handles:
             handle.remove()
     for tensor in [*_reachable_tensors(output), *_stored_tensors(model)]:
-        tracer.fix(tracer.state(tensor))
+        tracer.pin(tensor)
 
 
 def discover_spec(

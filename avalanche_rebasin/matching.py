@@ -14,8 +14,10 @@ fixed, the best permutation is the linear assignment on
     S_g = Σ_{(k, axis) ∈ g} A_k^{(axis)} · (B_k^{(axis)})ᵀ,
 
 where ``X^{(axis)}`` lays tensor ``k`` out as ``units × rest`` along the group's axis
-and ``B`` is already permuted on its other axes. Groups are visited in a random
-order until a full sweep improves nothing.
+and ``B`` is already permuted on its other axes. The first sweep visits the groups in
+the order discovery met them (input to output: each group then sees its inputs'
+permutations already solved, which recovers a permuted copy of a feed-forward network
+exactly), later sweeps a random order, until a full sweep improves nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._checks import batch_stream, check_compatible, resolve_spec
+from ._nested import nested_groups, solve_nested
 from .blocks import blocked_hard_permutation
 from .costs import functional_loss, interpolate_state
 from .permute import identity_permutation, model_state, permute_axis, permute_state, permute_tensor
@@ -101,12 +104,17 @@ def weight_matching_state(
     keys = list(keys) if keys is not None else [k for k in spec.axes if theta_a[k].is_floating_point()]
     device = next(iter(theta_a.values()), torch.empty(0)).device  # an empty state: nothing to permute
     perms = dict(init) if init is not None else identity_permutation(spec, device=device)
-    groups = spec.groups
+    groups, nested = spec.groups, nested_groups(spec)
     sweeps = 0
-    for sweeps in range(1, max_iter + 1):  # noqa: B007 - the count is returned
+    for sweeps in range(1, max_iter + 1):
         improved = False
-        for i in torch.randperm(len(groups), generator=generator).tolist():
+        first = sweeps == 1  # input to output: exact for a permuted copy of a feed-forward net
+        order = range(len(groups)) if first else torch.randperm(len(groups), generator=generator).tolist()
+        for i in order:
             group = groups[i]
+            if group in nested:
+                improved |= _update_nested(theta_a, theta_b, spec, perms, group, nested[group], keys)
+                continue
             sim = similarity_matrix(theta_a, theta_b, spec, perms, group, keys)
             new = blocked_hard_permutation(sim, spec.blocks(group)).to(device)
             arange = torch.arange(sim.shape[0], device=device)
@@ -118,6 +126,26 @@ def weight_matching_state(
         if not improved:
             break
     return perms, sweeps
+
+
+def _update_nested(
+    theta_a: Mapping[str, Tensor],
+    theta_b: Mapping[str, Tensor],
+    spec: PermutationSpec,
+    perms: dict[str, Tensor],
+    parent: str,
+    children: Sequence[str],
+    keys: Sequence[str],
+) -> bool:
+    """Heads and the dimensions within them, solved jointly (see :mod:`._nested`)."""
+    without_heads = {**perms, parent: torch.arange(spec.group_sizes[parent], device=perms[parent].device)}
+    sims = {c: similarity_matrix(theta_a, theta_b, spec, without_heads, c, keys) for c in children}
+    new, gain = solve_nested(sims, perms, parent, children)
+    scale = sum(float(s.abs().sum()) for s in sims.values())
+    if gain > 1e-12 * max(scale, 1.0):
+        perms.update(new)
+        return True
+    return False
 
 
 def weight_matching(

@@ -135,3 +135,51 @@ def train_mlp(seed: int, x: torch.Tensor, y: torch.Tensor, width: int = 64, epoc
             torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
     return model.eval()
+
+
+def _outputs(model: nn.Module, x, train: bool) -> list[torch.Tensor]:
+    """Output tensors in train or eval mode; dropout off (its masks are only equivariant in
+    distribution), BatchNorm on batch statistics in train mode."""
+    from avalanche_rebasin.discovery import _reachable_tensors
+
+    model.train(train)
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.eval()
+    with torch.no_grad():
+        out = model(*x) if isinstance(x, tuple) else model(x)
+    return [t.detach() for t in _reachable_tensors(out)]
+
+
+def assert_function_preserved(model: nn.Module, x, spec=None, seed: int = 0, atol: float = 1e-5):
+    """Discover (or take) a spec, permute ``model`` at random and compare the outputs in eval and
+    in train mode (max |Δ| ≤ ``atol``); the model's state must be untouched. Returns the spec."""
+    from avalanche_rebasin import PermutationSpec, permute, random_permutation
+
+    before = state_copy(model)
+    spec = spec if spec is not None else PermutationSpec.from_model(model, x)
+    assert_state_equal(model, before)
+    perms = random_permutation(spec, torch.Generator().manual_seed(seed))
+    assert not spec.groups or any(not torch.equal(p, torch.arange(len(p))) for p in perms.values())
+    permuted = permute(model, spec, perms)
+    for train in (False, True):
+        expected, got = _outputs(model, x, train), _outputs(permuted, x, train)
+        assert len(expected) == len(got) > 0
+        for a, b in zip(expected, got):
+            assert (a - b).abs().max() <= atol, f"train={train}: max |Δ| {(a - b).abs().max():.3g}"
+    model.eval()
+    return spec
+
+
+def assert_recovered(model: nn.Module, x, method: str, seed: int = 0, **kwargs) -> None:
+    """A random permutation of ``model`` is undone exactly by ``weight_matching`` or ``align``."""
+    from avalanche_rebasin import PermutationSpec, align, permute, random_permutation, weight_matching
+
+    spec = PermutationSpec.from_model(model, x)
+    permuted = permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(seed)))
+    if method == "weight_matching":
+        recovered = permute(permuted, spec, weight_matching(model, permuted, spec=spec, **kwargs))
+    else:
+        recovered = align(model, permuted, spec=spec, cost="l2", progress=False, **kwargs).model
+    wrong = [k for k, v in recovered.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
+    assert not wrong, f"{method} left {len(wrong)} tensors permuted, e.g. {wrong[:3]}"

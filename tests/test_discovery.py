@@ -82,18 +82,17 @@ def test_unsupported_op_raises_with_module_and_remedy():
 
 
 def test_unsupported_layer_names_the_module():
-    class WithAttention(nn.Module):
+    class WithPatches(nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc = nn.Linear(4, 8)
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.patches = nn.Unfold(2)  # mixes channels and kernel positions on one axis
 
         def forward(self, x):
-            h = self.fc(x)
-            return self.attn(h, h, h)[0]
+            return self.patches(self.conv(x))
 
-    with pytest.raises(UnsupportedOperationError, match="'attn'"):
-        PermutationSpec.from_model(WithAttention(), torch.randn(2, 3, 4))
+    with pytest.raises(UnsupportedOperationError, match=r"`unfold`.*'patches' \(Unfold\)"):
+        PermutationSpec.from_model(WithPatches(), torch.randn(2, 3, 6, 6))
 
 
 def test_freeze_policy_is_function_preserving():
