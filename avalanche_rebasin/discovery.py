@@ -138,7 +138,8 @@ def discover_spec(
 
     ``example_input`` is a tensor, or a tuple of positional arguments. The forward runs
     under ``torch.no_grad`` on a deep copy of the model, once in eval and once in train
-    mode; the model itself is never run or modified. Its inputs and outputs are never
+    mode, with the random number generators restored afterwards; the model itself is
+    never run or modified. Its inputs and outputs are never
     permuted. A ``torch.compile``d model is traced through its original module.
     """
     if not isinstance(model, nn.Module):
@@ -158,9 +159,11 @@ def discover_spec(
     shapes = {prefix + n: t.shape for n, t in named}
     tracer = Tracer(names, shapes, unsupported)
     tracer.module_types = {prefix + k if k else k: v for k, v in module_types(runner).items()}
+    devices = sorted({t.device.index or 0 for _, t in named if t.device.type == "cuda"})
     for train in (False, True):
         try:
-            _run(tracer, runner, args, train)
+            with torch.random.fork_rng(devices=devices):  # dropout must not move the user's RNG
+                _run(tracer, runner, args, train)
         except UnsupportedOperationError:
             raise
         except Exception as error:
