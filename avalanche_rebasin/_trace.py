@@ -201,6 +201,7 @@ class Tracer(TorchFunctionMode):
         self.assignments: dict[tuple[str, int], list[tuple[Part, ...]]] = {}
         self.module_stack: list[str] = []
         self.module_types: dict[str, str] = {}
+        self.claimed: set[str] = set()  # parameters the current rule assigned or pinned
 
     # -- variables --------------------------------------------------------------------
     def find(self, var: int) -> int:
@@ -267,6 +268,7 @@ class Tracer(TorchFunctionMode):
             return
         key = (ref.name, target % len(self.shapes[ref.name]))
         self.assignments.setdefault(key, []).append(tuple(parts))
+        self.claimed.add(ref.name)
 
     def assign(self, ref: ParamRef | None, axis: int, feature: Feature | int | None) -> None:
         """Record that ``ref``'s ``axis`` follows ``feature`` (``None``/FIXED: unpermuted)."""
@@ -293,6 +295,7 @@ class Tracer(TorchFunctionMode):
     def pin_axis(self, name: str, axis: int) -> None:
         """Axis ``axis`` of parameter/buffer ``name`` stays unpermuted."""
         self.assignments.setdefault((name, axis), []).append(((FIXED, 1, 1, 0),))
+        self.claimed.add(name)
 
     @property
     def module_path(self) -> str:
@@ -332,8 +335,14 @@ class Tracer(TorchFunctionMode):
             if name != "__getitem__" and self.stacked(tensor) is not None:
                 self.pin(tensor)  # only indexing a single slice out is followed
         rule = RULES.get(name, no_rule)
+        self.claimed = set()
         result = rule(self, call)
         states = result if isinstance(result, list) else [result] * len(outputs)
+        self.claimed |= {s.name for s in states if isinstance(s, ParamRef)}
+        for tensor in call.tensors():  # a parameter the rule did not handle (e.g. as an input) stays put
+            ref = self.param(tensor)
+            if ref is not None and ref.name not in self.claimed:
+                self.fix_tensor(ref)
         for tensor, state in zip(outputs, states):
             self.set_state(tensor, state)
         return out
