@@ -177,3 +177,36 @@ def test_a_weight_computed_from_an_activation_is_refused():
         UnsupportedOperationError, match="two permuted axes|computed from a permuted activation"
     ):
         PermutationSpec.from_model(HyperNet(), torch.randn(3, 4))
+
+
+class ParameterAsInput(TwoLayer):
+    """A per-unit bias also fed to a layer as data: it must not be permuted for one use only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias, self.read = nn.Parameter(torch.randn(6)), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(self.hidden(x) + self.bias) + self.read(self.bias)
+
+
+class LearnedQueries(nn.Module):
+    """Cross-attention from learned latent queries (Perceiver/DETR style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.out = nn.Linear(5, 8), nn.Linear(8, 2)
+        self.queries = nn.Parameter(torch.randn(1, 3, 8))
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.embed(x)
+        a, _ = self.attention(self.queries.expand(x.shape[0], -1, -1), h, h)
+        return self.out(a + self.queries)
+
+
+def test_parameters_used_as_data_are_never_permuted_for_one_use_only():
+    torch.manual_seed(0)
+    assert_function_preserved(ParameterAsInput(), torch.randn(3, 4))
+    spec = assert_function_preserved(LearnedQueries(), torch.randn(2, 7, 5))
+    assert "attention.heads" in spec.groups
