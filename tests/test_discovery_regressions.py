@@ -174,7 +174,7 @@ def test_a_weight_computed_from_an_activation_is_refused():
             return F.linear(h, h.t() @ h)
 
     with pytest.raises(
-        UnsupportedOperationError, match="two permuted axes|computed from a permuted activation"
+        UnsupportedOperationError, match=r"two permuted axes|computed from a permuted activation"
     ):
         PermutationSpec.from_model(HyperNet(), torch.randn(3, 4))
 
