@@ -117,7 +117,7 @@ def _attribute(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
     return s.moved(order.index(s.axis))
 
 
-@register_rule("softmax", "log_softmax", "softmin")
+@register_rule("softmax", "log_softmax", "softmin", "normalize")
 def _equivariant(tr: Tracer, call: OpCall) -> Feature | None:
     return tr.state(call.args[0])
 

@@ -210,3 +210,12 @@ def test_parameters_used_as_data_are_never_permuted_for_one_use_only():
     assert_function_preserved(ParameterAsInput(), torch.randn(3, 4))
     spec = assert_function_preserved(LearnedQueries(), torch.randn(2, 7, 5))
     assert "attention.heads" in spec.groups
+
+
+def test_normalize_is_followed():
+    class Projection(TwoLayer):
+        def forward(self, x):
+            return self.fc2(F.normalize(self.hidden(x), dim=-1))  # a contrastive head's unit norm
+
+    spec = assert_function_preserved(Projection(), torch.randn(3, 4))
+    assert spec.groups == ["fc1"]
