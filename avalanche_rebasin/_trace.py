@@ -26,6 +26,7 @@ __all__ = [
     "Feature",
     "OpCall",
     "ParamRef",
+    "ParameterAxes",
     "Stacked",
     "Tracer",
     "UnsupportedOperationError",
@@ -186,7 +187,58 @@ class Variables:
         self.blocks[root] = merged
 
 
-class Tracer(TorchFunctionMode):
+class ParameterAxes:
+    """Which variables permute each parameter axis: ``assignments[(name, axis)]`` holds
+    one layout per use, a tuple of parts ``(var, inner, outer, offset)`` applied in order.
+    Mixed into :class:`Tracer` (it provides ``vars``, ``shapes`` and ``claimed``)."""
+
+    vars: Variables
+    shapes: dict[str, torch.Size]
+    assignments: dict[tuple[str, int], list[tuple[Part, ...]]]
+    claimed: set[str]
+
+    def assign_parts(self, ref: ParamRef | None, axis: int, parts: tuple[Part, ...]) -> None:
+        """Record that axis ``axis`` of the view ``ref`` is permuted by ``parts`` in order:
+        ``(var, inner, outer, offset)`` each."""
+        if ref is None or not ref.axes:
+            return
+        target = ref.axes[axis % len(ref.axes)]
+        if target is None:  # an axis the view added: broadcast, nothing to permute
+            self.fix_vars(parts)
+            return
+        key = (ref.name, target % len(self.shapes[ref.name]))
+        self.assignments.setdefault(key, []).append(tuple(parts))
+        self.claimed.add(ref.name)
+
+    def assign(self, ref: ParamRef | None, axis: int, feature: Feature | int | None) -> None:
+        """Record that ``ref``'s ``axis`` follows ``feature`` (``None``/FIXED: unpermuted)."""
+        if isinstance(feature, Feature):
+            part = (feature.var, feature.inner, feature.outer, 0)
+        else:
+            part = (FIXED if feature is None else feature, 1, 1, 0)
+        self.assign_parts(ref, axis, (part,))
+
+    def fix_vars(self, parts: Sequence[Part]) -> None:
+        for part in parts:
+            self.vars.union(part[0], FIXED)
+
+    def fix_tensor(self, ref: ParamRef | None, *, keep: Sequence[int] = ()) -> None:
+        """All axes of a parameter/buffer stay unpermuted, except those ``keep`` (axes of
+        the view ``ref``) maps to."""
+        if ref is None:
+            return
+        kept = {ref.axes[k % len(ref.axes)] for k in keep} if ref.axes else set()
+        for axis in range(len(self.shapes[ref.name])):
+            if axis not in kept:
+                self.pin_axis(ref.name, axis)
+
+    def pin_axis(self, name: str, axis: int) -> None:
+        """Axis ``axis`` of parameter/buffer ``name`` stays unpermuted."""
+        self.assignments.setdefault((name, axis), []).append(((FIXED, 1, 1, 0),))
+        self.claimed.add(name)
+
+
+class Tracer(ParameterAxes, TorchFunctionMode):
     """Feeds every torch call of one forward pass to its rule."""
 
     def __init__(self, names: dict[int, str], shapes: dict[str, torch.Size], policy: UnsupportedPolicy):
@@ -256,47 +308,6 @@ class Tracer(TorchFunctionMode):
     def set_state(self, tensor: Tensor, state: Feature | ParamRef | Stacked | None) -> None:
         self._states[id(tensor)] = (tensor, state)
 
-    # -- parameter axes -------------------------------------------------------------------
-    def assign_parts(self, ref: ParamRef | None, axis: int, parts: tuple[Part, ...]) -> None:
-        """Record that axis ``axis`` of the view ``ref`` is permuted by ``parts`` in order:
-        ``(var, inner, outer, offset)`` each."""
-        if ref is None or not ref.axes:
-            return
-        target = ref.axes[axis % len(ref.axes)]
-        if target is None:  # an axis the view added: broadcast, nothing to permute
-            self.fix_vars(parts)
-            return
-        key = (ref.name, target % len(self.shapes[ref.name]))
-        self.assignments.setdefault(key, []).append(tuple(parts))
-        self.claimed.add(ref.name)
-
-    def assign(self, ref: ParamRef | None, axis: int, feature: Feature | int | None) -> None:
-        """Record that ``ref``'s ``axis`` follows ``feature`` (``None``/FIXED: unpermuted)."""
-        if isinstance(feature, Feature):
-            part = (feature.var, feature.inner, feature.outer, 0)
-        else:
-            part = (FIXED if feature is None else feature, 1, 1, 0)
-        self.assign_parts(ref, axis, (part,))
-
-    def fix_vars(self, parts: Sequence[Part]) -> None:
-        for part in parts:
-            self.union(part[0], FIXED)
-
-    def fix_tensor(self, ref: ParamRef | None, *, keep: Sequence[int] = ()) -> None:
-        """All axes of a parameter/buffer stay unpermuted, except those ``keep`` (axes of
-        the view ``ref``) maps to."""
-        if ref is None:
-            return
-        kept = {ref.axes[k % len(ref.axes)] for k in keep} if ref.axes else set()
-        for axis in range(len(self.shapes[ref.name])):
-            if axis not in kept:
-                self.pin_axis(ref.name, axis)
-
-    def pin_axis(self, name: str, axis: int) -> None:
-        """Axis ``axis`` of parameter/buffer ``name`` stays unpermuted."""
-        self.assignments.setdefault((name, axis), []).append(((FIXED, 1, 1, 0),))
-        self.claimed.add(name)
-
     @property
     def module_path(self) -> str:
         return self.module_stack[-1] if self.module_stack else ""
@@ -304,18 +315,7 @@ class Tracer(TorchFunctionMode):
     def unsupported(self, call: OpCall, reason: str) -> None:
         """Raise, or (policy 'freeze') pin every permutation reaching ``call`` to identity."""
         if self.policy == "raise":
-            where = (
-                f"module '{call.module}' ({self.module_types.get(call.module, '?')})"
-                if call.module
-                else "the model's own forward"
-            )
-            raise UnsupportedOperationError(
-                f"Permutation discovery cannot permute through `{call.name}` called in {where}: "
-                f"{reason}. To proceed, pass unsupported='freeze' (the permutations reaching "
-                f"this op stay identity), register a rule with "
-                f"avalanche_rebasin.discovery.register_rule('{call.name}'), or write the spec "
-                "by hand with PermutationSpec.from_groups(...)."
-            )
+            raise UnsupportedOperationError(_refusal(call, reason, self.module_types))
         for tensor in call.tensors():
             self.fix(self.state(tensor))
             self.fix_tensor(self.param(tensor))
@@ -366,6 +366,21 @@ METADATA = {
     "__format__",
     "__repr__",
 }
+
+
+def _refusal(call: OpCall, reason: str, module_types: dict[str, str]) -> str:
+    where = (
+        f"module '{call.module}' ({module_types.get(call.module, '?')})"
+        if call.module
+        else "the model's own forward"
+    )
+    return (
+        f"Permutation discovery cannot permute through `{call.name}` called in {where}: "
+        f"{reason}. To proceed, pass unsupported='freeze' (the permutations reaching "
+        f"this op stay identity), register a rule with "
+        f"avalanche_rebasin.discovery.register_rule('{call.name}'), or write the spec "
+        "by hand with PermutationSpec.from_groups(...)."
+    )
 
 
 def no_rule(tr: Tracer, call: OpCall) -> None:

@@ -87,22 +87,7 @@ class PermutationSpec:
     members: Mapping[str, tuple[GroupMember, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        members: dict[str, list[GroupMember]] = {g: [] for g in self.group_sizes}
-        for tensor, entries in self.axes.items():
-            for axis, entry in enumerate(entries):
-                for position, part in enumerate(axis_parts(entry)):
-                    if part.group not in members:
-                        raise ValueError(
-                            f"Tensor '{tensor}' axis {axis} refers to group '{part.group}', which "
-                            f"is not in group_sizes {sorted(self.group_sizes)}."
-                        )
-                    if part.inner < 1 or part.outer < 1 or part.offset < 0:
-                        raise ValueError(
-                            f"Tensor '{tensor}' axis {axis}: inner/outer must be >= 1, offset >= 0."
-                        )
-                    members[part.group].append(
-                        GroupMember(tensor, axis, part.inner, part.outer, part.offset, position)
-                    )
+        members = _members(self.group_sizes, self.axes)
         blocks = {g: int(b) for g, b in self.group_blocks.items() if int(b) != 1}
         for group, b in blocks.items():
             if group not in self.group_sizes or b < 1 or self.group_sizes[group] % b:
@@ -132,25 +117,8 @@ class PermutationSpec:
         instance ``{k: v.shape for k, v in model.state_dict().items()}``) sizes the groups;
         ``blocks`` gives groups whose units must stay inside equal consecutive blocks.
         """
-        axes: dict[str, list[AxisPermutation | None]] = {}
-        sizes: dict[str, int] = {}
-        for group, refs in groups.items():
-            for ref in refs:
-                tensor, axis, inner = (*ref, 1)[:3]
-                if tensor not in shapes:
-                    raise KeyError(f"Group '{group}' names tensor '{tensor}', which is not in shapes.")
-                shape = tuple(shapes[tensor])
-                entries = axes.setdefault(tensor, [None] * len(shape))
-                if entries[axis] is not None:
-                    raise ValueError(f"Tensor '{tensor}' axis {axis} is claimed by two groups.")
-                entries[axis] = AxisPermutation(group, inner)
-                size, rem = divmod(shape[axis], inner)
-                if rem or sizes.setdefault(group, size) != size:
-                    raise ValueError(
-                        f"Group '{group}': tensor '{tensor}' axis {axis} has length {shape[axis]}, "
-                        f"inconsistent with group size {sizes[group]} (inner={inner})."
-                    )
-        return cls(sizes, {k: tuple(v) for k, v in axes.items()}, dict(blocks or {}))
+        sizes, axes = _hand_written_axes(groups, shapes)
+        return cls(sizes, axes, dict(blocks or {}))
 
     # -- editing --------------------------------------------------------------------------
     def without_groups(self, *names: str) -> PermutationSpec:
@@ -205,17 +173,66 @@ class PermutationSpec:
         """One line per group: its size and the tensor axes it permutes."""
         lines = []
         for group, size in self.group_sizes.items():
-            refs = ", ".join(
-                f"{m.tensor}[{m.axis}]"
-                + (f"@{m.offset}" if m.offset else "")
-                + (f"×{m.inner}" if m.inner > 1 else "")
-                + (f"×{m.outer}outer" if m.outer > 1 else "")
-                for m in self.members[group]
-            )
-            if self.blocks(group) > 1:
-                size = f"{size} in {self.blocks(group)} blocks"
-            lines.append(f"{group} ({size}): {refs}")
+            refs = ", ".join(_describe(m) for m in self.members[group])
+            blocks = f" in {self.blocks(group)} blocks" if self.blocks(group) > 1 else ""
+            lines.append(f"{group} ({size}{blocks}): {refs}")
         return "\n".join(lines)
+
+
+def _members(
+    group_sizes: Mapping[str, int], axes: Mapping[str, tuple[AxisEntry, ...]]
+) -> dict[str, list[GroupMember]]:
+    """Every tensor axis segment of each group, validated."""
+    members: dict[str, list[GroupMember]] = {g: [] for g in group_sizes}
+    for tensor, entries in axes.items():
+        for axis, entry in enumerate(entries):
+            for position, part in enumerate(axis_parts(entry)):
+                if part.group not in members:
+                    raise ValueError(
+                        f"Tensor '{tensor}' axis {axis} refers to group '{part.group}', which "
+                        f"is not in group_sizes {sorted(group_sizes)}."
+                    )
+                if part.inner < 1 or part.outer < 1 or part.offset < 0:
+                    raise ValueError(f"Tensor '{tensor}' axis {axis}: inner/outer must be >= 1, offset >= 0.")
+                members[part.group].append(
+                    GroupMember(tensor, axis, part.inner, part.outer, part.offset, position)
+                )
+    return members
+
+
+def _describe(m: GroupMember) -> str:
+    """``tensor[axis]@offset×inner×outer`` (only the parts that differ from the default)."""
+    return (
+        f"{m.tensor}[{m.axis}]"
+        + (f"@{m.offset}" if m.offset else "")
+        + (f"×{m.inner}" if m.inner > 1 else "")
+        + (f"×{m.outer}outer" if m.outer > 1 else "")
+    )
+
+
+def _hand_written_axes(
+    groups: Mapping[str, Iterable[tuple]], shapes: Mapping[str, torch.Size | tuple[int, ...]]
+) -> tuple[dict[str, int], dict[str, tuple[AxisEntry, ...]]]:
+    """Group sizes and axis entries of :meth:`PermutationSpec.from_groups`."""
+    axes: dict[str, list[AxisEntry]] = {}
+    sizes: dict[str, int] = {}
+    for group, refs in groups.items():
+        for ref in refs:
+            tensor, axis, inner = (*ref, 1)[:3]
+            if tensor not in shapes:
+                raise KeyError(f"Group '{group}' names tensor '{tensor}', which is not in shapes.")
+            shape = tuple(shapes[tensor])
+            entries = axes.setdefault(tensor, [None] * len(shape))
+            if entries[axis] is not None:
+                raise ValueError(f"Tensor '{tensor}' axis {axis} is claimed by two groups.")
+            entries[axis] = AxisPermutation(group, inner)
+            size, rem = divmod(shape[axis], inner)
+            if rem or sizes.setdefault(group, size) != size:
+                raise ValueError(
+                    f"Group '{group}': tensor '{tensor}' axis {axis} has length {shape[axis]}, "
+                    f"inconsistent with group size {sizes[group]} (inner={inner})."
+                )
+    return sizes, {k: tuple(v) for k, v in axes.items()}
 
 
 def _keep_parts(entry: AxisEntry, dropped: Iterable[str]) -> AxisEntry:
