@@ -9,7 +9,6 @@ permutation ``argmax_P Σ ⟨P, X⟩`` (linear assignment on the logits), which 
 
 from __future__ import annotations
 
-import copy
 import itertools
 import time
 import warnings
@@ -25,7 +24,7 @@ from ._checks import batch_stream, check_compatible, resolve_spec
 from .blocks import blocked_hard_permutation, blocked_sinkhorn
 from .costs import CosineCost, Cost, L1Cost, L2Cost, LossFn, MidpointCost, RandomPointCost
 from .matching import weight_matching_state
-from .permute import identity_permutation, model_state, permute, soft_permute_state
+from .permute import identity_permutation, model_state, permute, private_copy, soft_permute_state
 from .sinkhorn import marginal_error, permutation_matrix
 from .spec import PermutationSpec
 
@@ -103,7 +102,7 @@ def _make_cost(
     if cost in weight_costs:
         return weight_costs[cost](keys), False
     loss_fn = loss_fn or nn.functional.cross_entropy
-    model = copy.deepcopy(model) if cost in ("mid", "rnd") else model  # its forward may mutate it
+    model = private_copy(model) if cost in ("mid", "rnd") else model  # its forward may mutate it
     if cost == "mid":
         return MidpointCost(model, loss_fn), True
     if cost == "rnd":

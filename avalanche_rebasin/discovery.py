@@ -27,9 +27,9 @@ model is never modified. Ops that see a permuted tensor but have no rule raise
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -47,6 +47,8 @@ from ._trace import (
     module_types,
     register_rule,
 )
+from ._verify import check_spec
+from .permute import private_copy
 from .spec import PermutationSpec
 
 __all__ = [
@@ -77,11 +79,20 @@ def _reachable_tensors(root: Any) -> list[Tensor]:
             stack.extend([*obj.keys(), *obj.values()])
         elif isinstance(obj, (list, tuple, set, frozenset)):
             stack.extend(obj)
+        elif isinstance(obj, Iterable) and not isinstance(obj, Iterator):  # deque, dict views
+            stack.extend(_items(obj))
         else:
             stack.extend(getattr(obj, "__dict__", {}).values())
             slots = [s for cls in type(obj).__mro__ for s in getattr(cls, "__slots__", ())]
             stack.extend(getattr(obj, s) for s in slots if isinstance(s, str) and hasattr(obj, s))
     return found
+
+
+def _items(container: Iterable) -> list[Any]:
+    try:
+        return list(container)
+    except Exception:
+        return []
 
 
 _OPAQUE = (nn.Module, type, types.ModuleType, types.FunctionType, types.MethodType, str, bytes, int, float)
@@ -131,34 +142,40 @@ def _run(tracer: Tracer, model: nn.Module, args: tuple, train: bool) -> None:
         tracer.pin(tensor)
 
 
-def discover_spec(
-    model: nn.Module, example_input: Any, *, unsupported: UnsupportedPolicy = "raise"
-) -> PermutationSpec:
-    """Trace ``model(example_input)`` and return its :class:`PermutationSpec`.
+def _refuse_opaque(model: nn.Module) -> None:
+    """Compiled code cannot be traced op by op: name the submodule and the way out."""
+    for name, module in model.named_modules():
+        compiled = type(module).__name__ == "OptimizedModule" and name
+        if isinstance(module, torch.jit.ScriptModule) or compiled:
+            kind = "a TorchScript module" if not compiled else "a torch.compile'd submodule"
+            raise UnsupportedOperationError(
+                f"Permutation discovery traces the model's Python code, and '{name or 'the model'}' is "
+                f"{kind}; discover the spec on the eager module (before scripting or compiling it), "
+                "or write the spec by hand with PermutationSpec.from_groups(...)."
+            )
 
-    ``example_input`` is a tensor, or a tuple of positional arguments. The forward runs
-    under ``torch.no_grad`` on a deep copy of the model, once in eval and once in train
-    mode, with the random number generators restored afterwards; the model itself is
-    never run or modified. Its inputs and outputs are never
-    permuted. A ``torch.compile``d model is traced through its original module.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"discover_spec needs an nn.Module, got {type(model).__name__}.")
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
-    target, prefix = _unwrap_compiled(model)
+
+@contextlib.contextmanager
+def _untouched(model: nn.Module) -> Iterator[None]:
+    """Restore every parameter, buffer and train flag of ``model`` afterwards (a hook of the
+    copy that closes over the original module could otherwise change it)."""
+    saved = {id(t): (t, t.detach().clone()) for t in [*model.parameters(), *model.buffers()]}
+    modes = {m: m.training for m in model.modules()}
     try:
-        runner = copy.deepcopy(target)
-    except Exception as error:
-        raise TypeError(
-            f"Permutation discovery runs a deep copy of the model, and copying "
-            f"{type(target).__name__} failed ({error}); write the spec by hand with "
-            "PermutationSpec.from_groups(...)."
-        ) from error
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, value in saved.values():
+                if not torch.equal(tensor, value):
+                    tensor.copy_(value)
+        for module, mode in modes.items():
+            module.train(mode)
+
+
+def _trace(runner: nn.Module, args: tuple, unsupported: UnsupportedPolicy) -> PermutationSpec:
     named = [*runner.named_parameters(), *runner.named_buffers()]
-    names = {id(t): prefix + n for n, t in named}
-    shapes = {prefix + n: t.shape for n, t in named}
-    tracer = Tracer(names, shapes, unsupported)
-    tracer.module_types = {prefix + k if k else k: v for k, v in module_types(runner).items()}
+    tracer = Tracer({id(t): n for n, t in named}, {n: t.shape for n, t in named}, unsupported)
+    tracer.module_types = module_types(runner)
     devices = sorted({t.device.index or 0 for _, t in named if t.device.type == "cuda"})
     for train in (False, True):
         try:
@@ -177,15 +194,48 @@ def discover_spec(
     return resolve(tracer)
 
 
+def _prefixed(spec: PermutationSpec, prefix: str) -> PermutationSpec:
+    if not prefix:
+        return spec
+    return PermutationSpec(spec.group_sizes, {prefix + k: v for k, v in spec.axes.items()}, spec.group_blocks)
+
+
+def discover_spec(
+    model: nn.Module, example_input: Any, *, unsupported: UnsupportedPolicy = "raise", verify: bool = True
+) -> PermutationSpec:
+    """Trace ``model(example_input)`` and return its :class:`PermutationSpec`.
+
+    ``example_input`` is a tensor, or a tuple of positional arguments. The forward runs
+    under ``torch.no_grad`` on a deep copy of the model, once in eval and once in train
+    mode, with the random number generators restored afterwards; the model's parameters,
+    buffers and train flags are left as they were. Its inputs and outputs are never
+    permuted. A ``torch.compile``d model is traced through its original module. With
+    ``verify`` (the default) a perturbed copy and a randomly permuted copy of it must give
+    the same outputs on ``example_input`` (see :mod:`avalanche_rebasin._verify`).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"discover_spec needs an nn.Module, got {type(model).__name__}.")
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    target, prefix = _unwrap_compiled(model)
+    _refuse_opaque(target)
+    with _untouched(target):
+        runner = private_copy(target)
+        spec = _trace(runner, args, unsupported)
+        if verify:
+            spec = check_spec(runner, args, spec, unsupported == "freeze", _reachable_tensors)
+    return _prefixed(spec, prefix)
+
+
 def _from_model(
     cls: type[PermutationSpec],
     model: nn.Module,
     example_input: Any,
     *,
     unsupported: UnsupportedPolicy = "raise",
+    verify: bool = True,
 ) -> PermutationSpec:
     """Discover the spec by tracing ``model`` on ``example_input`` (see :func:`discover_spec`)."""
-    return discover_spec(model, example_input, unsupported=unsupported)
+    return discover_spec(model, example_input, unsupported=unsupported, verify=verify)
 
 
 PermutationSpec.from_model = classmethod(_from_model)  # the data class stays free of discovery

@@ -14,7 +14,6 @@ averaged network.
 
 from __future__ import annotations
 
-import copy
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ._checks import check_same_architecture, known_empty
 from .costs import interpolate_state
-from .permute import load_state_, model_state
+from .permute import load_state_, model_state, private_copy
 
 __all__ = ["LMCCurve", "barrier_and_auc", "interpolate", "lmc_curve", "reestimate_batchnorm"]
 
@@ -38,7 +37,7 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, lam: float) -> nn.Module
     """
     state_a, state_b = model_state(model_a), model_state(model_b)
     check_same_architecture(state_a, state_b)
-    return load_state_(copy.deepcopy(model_a), interpolate_state(state_a, state_b, float(lam)))
+    return load_state_(private_copy(model_a), interpolate_state(state_a, state_b, float(lam)))
 
 
 @torch.no_grad()

@@ -22,7 +22,6 @@ exactly), later sweeps a random order, until a full sweep improves nothing.
 
 from __future__ import annotations
 
-import copy
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -34,7 +33,14 @@ from ._checks import batch_stream, check_compatible, resolve_spec
 from ._nested import nested_groups, solve_nested
 from .blocks import blocked_hard_permutation
 from .costs import functional_loss, interpolate_state
-from .permute import identity_permutation, model_state, permute_axis, permute_state, permute_tensor
+from .permute import (
+    identity_permutation,
+    model_state,
+    permute_axis,
+    permute_state,
+    permute_tensor,
+    private_copy,
+)
 from .spec import GroupMember, PermutationSpec, axis_parts
 
 __all__ = ["similarity_matrix", "unit_matrix", "weight_matching", "weight_matching_state"]
@@ -244,7 +250,7 @@ def activation_matching(
     """
     spec = resolve_spec(model_a, spec, example_input)
     check_compatible(model_a, model_b, spec)
-    copies = [copy.deepcopy(model_a).eval(), copy.deepcopy(model_b).eval()]
+    copies = [private_copy(model_a).eval(), private_copy(model_b).eval()]
     producers = _producers(copies[0], spec)
     captured: list[dict[str, Tensor]] = [{}, {}]
     handles = []

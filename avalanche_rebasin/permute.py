@@ -26,6 +26,7 @@ __all__ = [
     "permute_axis",
     "permute_state",
     "permute_tensor",
+    "private_copy",
     "random_permutation",
     "soft_permute_state",
 ]
@@ -34,6 +35,28 @@ __all__ = [
 def model_state(model: nn.Module) -> dict[str, Tensor]:
     """All named parameters and buffers (non-persistent buffers included), detached."""
     return {name: t.detach() for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, checked to share no tensor with ``model`` (a module whose
+    ``__deepcopy__`` returns ``self`` would otherwise let a "copy" write into the original)."""
+    try:
+        duplicate = copy.deepcopy(model)
+    except Exception as error:
+        raise TypeError(
+            f"This needs a deep copy of the model, and copying {type(model).__name__} failed "
+            f"({type(error).__name__}: {error}); make the module deep-copyable."
+        ) from error
+    own = {t.data_ptr() for t in [*model.parameters(), *model.buffers()] if t.numel()}
+    named = [*duplicate.named_parameters(), *duplicate.named_buffers()]
+    shared = [n for n, t in named if t.numel() and t.data_ptr() in own]
+    if shared:
+        raise TypeError(
+            f"copy.deepcopy of the model shares '{shared[0]}' with the original (a __deepcopy__ "
+            "returning self?), so a permuted or interpolated copy would write into your model; "
+            "make the module deep-copyable."
+        )
+    return duplicate
 
 
 def load_state_(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
@@ -177,4 +200,4 @@ def permute(model: nn.Module, spec: PermutationSpec, perms: Mapping[str, Tensor]
     state = model_state(model)
     spec.validate(state)
     permuted = permute_state(state, spec, perms)
-    return load_state_(copy.deepcopy(model), {k: permuted[k] for k in spec.axes})
+    return load_state_(private_copy(model), {k: permuted[k] for k in spec.axes})

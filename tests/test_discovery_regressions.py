@@ -219,3 +219,38 @@ def test_normalize_is_followed():
 
     spec = assert_function_preserved(Projection(), torch.randn(3, 4))
     assert spec.groups == ["fc1"]
+
+
+def test_a_module_that_is_not_deep_copyable_is_refused_not_written_into():
+    class Singleton(nn.Linear):
+        def __deepcopy__(self, memo):
+            return self  # "copies" share the weights
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), Singleton(6, 3))
+    before = state_copy(model)
+    with pytest.raises(TypeError, match=r"shares '2.weight' with the original"):
+        PermutationSpec.from_model(model, torch.randn(3, 4))
+    assert_state_equal(model, before)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_compiled_or_scripted_submodules_are_refused_by_name():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    model[2] = torch.jit.script(model[2])
+    with pytest.raises(UnsupportedOperationError, match=r"'2' is a TorchScript module"):
+        PermutationSpec.from_model(model, torch.randn(3, 4))
+
+
+def test_permute_refuses_a_copy_that_would_write_into_the_original():
+    class Singleton(nn.Linear):
+        def __deepcopy__(self, memo):
+            return self
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), Singleton(6, 3))
+    spec = PermutationSpec.from_model(
+        nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), torch.randn(3, 4)
+    )
+    before = state_copy(model)
+    with pytest.raises(TypeError, match="shares '2.weight'"):
+        permute(model, spec, random_permutation(spec))
+    assert_state_equal(model, before)
