@@ -251,6 +251,6 @@ def test_permute_refuses_a_copy_that_would_write_into_the_original():
         nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), torch.randn(3, 4)
     )
     before = state_copy(model)
-    with pytest.raises(TypeError, match="shares '2.weight'"):
+    with pytest.raises(TypeError, match=r"shares '2\.weight'"):
         permute(model, spec, random_permutation(spec))
     assert_state_equal(model, before)
