@@ -5,7 +5,7 @@ Tracing sees every op that goes through torch's Python dispatch; code it cannot 
 extensions) would otherwise be taken for constants. So after tracing, a perturbed copy
 of the model (parameters moved by noise, so that a zero-initialised layer still shows
 a difference) and a randomly permuted copy of it run on ``example_input`` in eval and
-in train mode, in float64 where the model allows it, with dropout and sampling made
+in train mode, with dropout and sampling made
 deterministic (they are only equivariant in distribution). If their outputs differ,
 discovery refuses, or with ``unsupported="freeze"`` leaves out the groups that change
 the output on their own (all groups if that is not enough).
@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
 
 from .permute import permute, random_permutation
 from .spec import PermutationSpec
@@ -83,56 +81,55 @@ def _difference(a: list[Tensor], b: list[Tensor]) -> float:
     return worst
 
 
-def _perturbed(module: nn.Module, double: bool) -> nn.Module:
-    out = copy.deepcopy(module)
+def _perturb_(module: nn.Module) -> None:
+    """Move every floating parameter by noise (in place, deterministic)."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in out.parameters():
+        for p in module.parameters():
             if p.is_floating_point():
                 noise = torch.randn(p.shape, generator=generator).to(p.device, p.dtype)
                 p.add_(noise * (0.5 * float(p.abs().mean()) + 1e-2))
-    return out.double() if double else out
+
+
+def _tolerance(module: nn.Module) -> float:
+    """Relative change allowed for rounding: sums taken in another order."""
+    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    return 1e-2 if dtypes & {torch.float16, torch.bfloat16} else 1e-4
 
 
 class _Check:
     """Runs the perturbed model and permuted copies of it on the example."""
 
-    def __init__(self, module: nn.Module, args: tuple, reachable) -> None:
-        self.reachable = reachable
-        for double in (True, False):  # float64 where the model allows it
-            try:
-                self.base = _perturbed(module, double)  # kept as it is: the model may change its state
-                self.args = tree_map(_to_double, args) if double else args
-                self.expected = self._run(copy.deepcopy(self.base))
-                self.tolerance = 1e-7 if double else 1e-4
-                return
-            except Exception:
-                if not double:
-                    raise
+    def __init__(self, module: nn.Module, args: tuple, reachable, keep: bool) -> None:
+        _perturb_(module)  # the private traced copy: nobody else sees it
+        self.module, self.args, self.reachable = module, args, reachable
+        self.tolerance = _tolerance(module)
+        self.pristine = copy.deepcopy(module) if keep else None  # for further checks (freeze)
+        self.expected: list[list[Tensor]] | None = None
 
     def _run(self, module: nn.Module) -> list[list[Tensor]]:
         """Outputs in eval then train mode (in sequence: state carried between calls counts)."""
         return [_outputs(module, self.args, train, self.reachable) for train in (False, True)]
 
     def change(self, spec: PermutationSpec, perms: dict[str, Tensor]) -> float:
-        got = self._run(permute(self.base, spec, perms))
-        return max(_difference(a, b) for a, b in zip(self.expected, got))
-
-
-def _to_double(t: Any) -> Any:
-    return t.double() if isinstance(t, Tensor) and t.is_floating_point() else t
+        source = self.pristine if self.pristine is not None else self.module
+        permuted = permute(source, spec, perms)  # before the original runs: state it carries counts
+        if self.expected is None:
+            self.expected = self._run(self.module)
+        return max(_difference(a, b) for a, b in zip(self.expected, self._run(permuted)))
 
 
 def check_spec(
     module: nn.Module, args: tuple, spec: PermutationSpec, freeze: bool, reachable
 ) -> PermutationSpec:
     """``spec`` if a random permutation keeps ``module``'s outputs on ``args``; otherwise
-    raise, or (``freeze``) the spec without the groups that change them."""
+    raise, or (``freeze``) the spec without the groups that change them. ``module`` is a
+    private copy: its parameters are perturbed in place."""
     from ._trace import UnsupportedOperationError
 
     if not spec.groups:
         return spec
-    check = _Check(module, args, reachable)
+    check = _Check(module, args, reachable, keep=freeze)
     perms = random_permutation(spec, torch.Generator().manual_seed(0))
     change = check.change(spec, perms)
     if change <= check.tolerance:

@@ -24,45 +24,28 @@ harness = _load_harness()
 
 
 def test_quick_comparison_runs_offline_and_writes_results(tmp_path):
+    """The demo's own command line, end to end in a subprocess, on a subset of its strategies
+    (each default strategy is built from its token up front by the validation tests)."""
     out = tmp_path / "quick"
-    cmd = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "continual.py"),
-        "--quick",
-        "--out",
-        str(out),
-        "--cache",
-        str(tmp_path / "cache"),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    strategies = ["naive", "replay", "rebasin", "rebasin:midpoint", "joint"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "continual.py"), "--quick", "--experiences", "3"]
+    cmd += ["--strategies", *strategies, "--out", str(out), "--cache", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads((out / "runs.json").read_text())["runs"]
-    names = {r["strategy"] for r in runs}
-    assert {
-        "naive",
-        "replay",
-        "ewc",
-        "lwf",
-        "agem",
-        "rebasin",
-        "rebasin-noreplay",
-        "rebasin-nopermute",
-        "rebasin:midpoint",
-        "rebasin:consistent",
-        "joint",
-    } <= names
+    assert {r["strategy"] for r in runs} == set(strategies)
     for run in runs:
         assert 0.0 <= run["final_acc"] <= 1.0
-        assert len(run["history"]) == (1 if run["strategy"] == "joint" else 5)
+        assert len(run["history"]) == (1 if run["strategy"] == "joint" else 3)
     rebasin = next(r for r in runs if r["strategy"] == "rebasin")
-    assert len(rebasin["rebasin_reports"]) == 4  # every experience after the first
+    assert len(rebasin["rebasin_reports"]) == 2  # every experience after the first
     assert {"mean_row_max", "units_moved", "acc_trained", "acc_committed"} <= set(
         rebasin["rebasin_reports"][0]
     )
     summary = (out / "summary.md").read_text()
     assert "| rebasin |" in summary and "| naive |" in summary
     assert (out / "accuracy_curve.png").stat().st_size > 0 and (out / "accuracy_matrix.png").exists()
-    assert (out / "metrics.csv").read_text().count("\n") > 50
+    assert (out / "metrics.csv").read_text().count("\n") > 20
     assert "accuracy" in proc.stdout
 
 
