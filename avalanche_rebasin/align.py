@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._checks import batch_stream, check_compatible, resolve_spec
+from ._convergence import Convergence, greedy_permutations
 from .blocks import blocked_hard_permutation, blocked_sinkhorn
 from .costs import CosineCost, Cost, L1Cost, L2Cost, LossFn, MidpointCost, RandomPointCost
 from .matching import weight_matching_state
@@ -48,6 +49,8 @@ class AlignResult:
         marginal_error: Sinkhorn's last marginal error (how converged the forward was).
         data_exhausted: True when a one-shot ``data`` iterator ran out before ``steps``
             (the optimisation then stopped early, after ``steps`` steps).
+        stop_reason: ``"converged"`` (the hard permutation stopped changing, see
+            ``patience``), ``"max_steps"``, ``"callback"`` or ``"data_exhausted"``.
     """
 
     permutations: dict[str, Tensor]
@@ -59,6 +62,11 @@ class AlignResult:
     seconds: float = 0.0
     marginal_error: float = 0.0
     data_exhausted: bool = False
+    stop_reason: str = "max_steps"
+
+    @property
+    def converged(self) -> bool:
+        return self.stop_reason == "converged"
 
 
 class PermutationLogits(nn.Module):
@@ -79,6 +87,10 @@ class PermutationLogits(nn.Module):
 
     def as_dict(self) -> dict[str, Tensor]:
         return {g: x.detach().clone() for g, x in zip(self.names, self.logits)}
+
+    def as_views(self) -> dict[str, Tensor]:
+        """The logits per group, detached, without a copy."""
+        return {g: x.detach() for g, x in zip(self.names, self.logits)}
 
     def plans(self, tau: float, n_iter: int, backward: str = "implicit") -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
@@ -161,6 +173,40 @@ def _identity_result(model_b: nn.Module, spec: PermutationSpec, state: Mapping[s
     return AlignResult(perms, permute(model_b, spec, perms), spec, {})
 
 
+class _Loop:
+    """Adam on the logits until ``steps``, convergence, the callback or the data's end."""
+
+    def __init__(self, logits: PermutationLogits, optimizer: torch.optim.Optimizer, convergence: Convergence):
+        self.logits, self.optimizer, self.convergence = logits, optimizer, convergence
+
+    def run(self, loss_of, batches, steps: int, sinkhorn_args: tuple, cost, callback, progress: bool):
+        plans: dict[str, Tensor] = {}
+        blocks = {g: self.logits.spec.blocks(g) for g in self.logits.names}
+        bar = tqdm(range(steps), desc="align", disable=not progress, leave=False)
+        for step in bar:
+            batch = next(batches, _END)
+            if batch is _END:
+                warnings.warn(
+                    f"align: data ran out after {step} of {steps} steps; stopped there.", stacklevel=3
+                )
+                return plans, "data_exhausted"
+            plans = self.logits.plans(*sinkhorn_args)
+            loss = loss_of(plans, batch)
+            if step == 0:
+                _check_cost_value(loss, cost)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            value = float(loss.detach())
+            bar.set_postfix(cost=f"{value:.4g}")
+            greedy, valid = greedy_permutations(self.logits.as_views(), blocks)
+            if self.convergence.update(value, greedy, valid):
+                return plans, "converged"
+            if callback is not None and callback(step, value, self.logits):
+                return plans, "callback"
+        return plans, "max_steps"
+
+
 def align(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -171,7 +217,7 @@ def align(
     data: Iterable | None = None,
     loss_fn: LossFn | None = None,
     steps: int = 100,
-    lr: float = 0.1,
+    lr: float = 0.3,
     tau: float = 1.0,
     n_iter: int = 20,
     init: Init = "identity",
@@ -179,6 +225,8 @@ def align(
     seed: int = 0,
     progress: bool = True,
     callback: Callable[[int, float, PermutationLogits], bool | None] | None = None,
+    patience: int | None = 5,
+    rtol: float = 1e-3,
 ) -> AlignResult:
     """Find permutations that bring ``model_b`` into ``model_a``'s basin.
 
@@ -188,11 +236,15 @@ def align(
         cost: ``"l2"`` (default), ``"l1"``, ``"cosine"``, ``"mid"``, ``"rnd"`` or a callable
             ``cost(theta_a, theta_b_permuted, batch)``; data costs read batches
             ``(x, y)`` from ``data``, cycling through it.
-        steps, lr: Adam steps on the logits and their learning rate.
+        steps, lr: at most ``steps`` Adam steps on the logits, and their learning rate.
         tau, n_iter: Sinkhorn temperature and iterations.
         init: logits start at the identity, at random, or at the weight-matching solution.
         callback: called as ``callback(step, cost, logits)`` after every step; returning
             True stops the optimisation early (e.g. once ``logits.hard()`` is right).
+        patience, rtol: stop once the hard permutation has not changed for ``patience``
+            steps and the cost did not rise over them by more than ``rtol`` times the first
+            cost (``result.stop_reason == "converged"``); ``steps`` is then only a cap.
+            ``patience=None`` always runs ``steps`` steps.
 
     Data: a re-iterable ``data`` (list, DataLoader) is cycled; a one-shot iterator
     (generator) is read once, and if it runs out first the optimisation stops there
@@ -228,29 +280,18 @@ def align(
         spec, _initial_logits(spec, init, theta_a, theta_b, keys, generator, ref.device, ref.dtype)
     )
     b_subset = theta_b if needs_data else {k: theta_b[k] for k in keys}
-    optimizer = torch.optim.Adam(logits.parameters(), lr=lr)
-    history: list[float] = []
-    plans: dict[str, Tensor] = {}
+    loop = _Loop(logits, torch.optim.Adam(logits.parameters(), lr=lr), Convergence(patience, rtol))
     start = time.perf_counter()
-    exhausted = False
-    bar = tqdm(range(steps), desc="align", disable=not progress, leave=False)
-    for step in bar:
-        batch = next(batches, _END)
-        if batch is _END:
-            exhausted = True
-            warnings.warn(f"align: data ran out after {step} of {steps} steps; stopped there.", stacklevel=2)
-            break
-        plans = logits.plans(tau, n_iter, sinkhorn_backward)
-        loss = cost_fn(theta_a, soft_permute_state(b_subset, spec, plans), batch)
-        if step == 0:
-            _check_cost_value(loss, cost)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        history.append(float(loss.detach()))
-        bar.set_postfix(cost=f"{history[-1]:.4g}")
-        if callback is not None and callback(step, history[-1], logits):
-            break
+    plans, reason = loop.run(
+        lambda plans, batch: cost_fn(theta_a, soft_permute_state(b_subset, spec, plans), batch),
+        batches,
+        steps,
+        (tau, n_iter, sinkhorn_backward),
+        cost,
+        callback,
+        progress,
+    )
+    history = loop.convergence.costs
     perms = logits.hard()
     return AlignResult(
         permutations=perms,
@@ -261,7 +302,8 @@ def align(
         steps=len(history),
         seconds=time.perf_counter() - start,
         marginal_error=max((marginal_error(p) for p in plans.values()), default=0.0),
-        data_exhausted=exhausted,
+        data_exhausted=reason == "data_exhausted",
+        stop_reason=reason,
     )
 
 

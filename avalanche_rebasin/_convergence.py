@@ -1,0 +1,64 @@
+"""When to stop optimising permutation logits.
+
+The result of an alignment is the hard permutation. When every row's largest logit sits
+in a different column, that row-wise argmax *is* the linear assignment (each row gets
+its own maximum, which no other assignment beats), so it can be read every step at
+the cost of an argmax. The optimisation has converged once that permutation has stayed
+the same for ``patience`` steps while the cost did not rise (by more than ``rtol``
+times the first cost) over those steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from .blocks import diagonal_blocks
+
+__all__ = ["Convergence", "greedy_permutations"]
+
+
+def greedy_permutations(logits: Mapping[str, Tensor], blocks: Mapping[str, int]) -> tuple[Tensor, Tensor]:
+    """Row-wise argmax of every group's logits (within blocks), concatenated, and whether
+    each one is a permutation (then it equals the hard permutation); both on the device."""
+    indices, valid = [], []
+    for group, x in logits.items():
+        x = x.detach()
+        b, n = blocks.get(group, 1), x.shape[-1]
+        if b == 1:
+            idx = x.argmax(-1)
+        else:
+            offsets = torch.arange(b, device=x.device)[:, None] * (n // b)
+            idx = (diagonal_blocks(x, b).argmax(-1) + offsets).reshape(n)
+        indices.append(idx)
+        valid.append((idx.sort().values == torch.arange(n, device=x.device)).all())
+    return torch.cat(indices), torch.stack(valid).all()
+
+
+class Convergence:
+    """Tracks the hard permutation and the cost; ``update`` says when to stop."""
+
+    def __init__(self, patience: int | None, rtol: float) -> None:
+        if patience is not None and patience < 1:
+            raise ValueError(f"patience must be >= 1 or None (never stop early), got {patience!r}.")
+        if not rtol >= 0:
+            raise ValueError(f"rtol must be >= 0, got {rtol!r}.")
+        self.patience, self.rtol = patience, rtol
+        self.costs: list[float] = []
+        self.previous: Tensor | None = None
+        self.stable = 0
+
+    def update(self, cost: float, greedy: Tensor, valid: Tensor) -> bool:
+        """Record one step; True once converged."""
+        self.costs.append(cost)
+        if self.patience is None:
+            return False
+        same = self.previous is not None and bool(valid) and torch.equal(greedy, self.previous)
+        self.stable = self.stable + 1 if same else 0
+        self.previous = greedy
+        if self.stable < self.patience:
+            return False
+        window_start = self.costs[-1 - self.patience]
+        return cost <= window_start + self.rtol * abs(self.costs[0])

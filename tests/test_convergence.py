@@ -1,0 +1,61 @@
+"""align stops by itself once the hard permutation has converged, and says why it stopped."""
+
+import pytest
+import torch
+from rebasin_testkit import mlp
+
+from avalanche_rebasin import PermutationSpec, align, permute, random_permutation
+from avalanche_rebasin._convergence import Convergence, greedy_permutations
+from avalanche_rebasin.blocks import blocked_hard_permutation
+
+
+def _permuted_pair(hidden_layers: int = 4, width: int = 10):
+    torch.manual_seed(0)
+    model, x = mlp(hidden_layers, width=width), torch.randn(2, 20)
+    spec = PermutationSpec.from_model(model, x)
+    return model, permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(1))), spec
+
+
+def test_align_stops_once_converged_and_is_exact():
+    model, permuted, spec = _permuted_pair()
+    result = align(model, permuted, spec=spec, steps=500, progress=False)
+    assert result.stop_reason == "converged" and result.converged
+    assert result.steps < 100  # a cap, not a schedule
+    recovered = result.model.state_dict()
+    assert all(torch.equal(recovered[k], v) for k, v in model.state_dict().items())
+
+
+def test_without_patience_every_step_runs_and_other_reasons_are_reported():
+    model, permuted, spec = _permuted_pair()
+    full = align(model, permuted, spec=spec, steps=40, patience=None, progress=False)
+    assert (full.steps, full.stop_reason, full.converged) == (40, "max_steps", False)
+    stopped = align(model, permuted, spec=spec, steps=40, progress=False, callback=lambda step, *_: step == 2)
+    assert (stopped.steps, stopped.stop_reason) == (3, "callback")
+    with pytest.raises(ValueError, match="patience"):
+        align(model, permuted, spec=spec, patience=0, progress=False)
+
+
+def test_convergence_needs_a_stable_valid_permutation_and_a_cost_that_does_not_rise():
+    same, valid, invalid = torch.tensor([1, 0, 2]), torch.tensor(True), torch.tensor(False)
+    rule = Convergence(patience=2, rtol=0.0)
+    assert not any(rule.update(c, same, valid) for c in (5.0, 4.0, 3.0)[:2])
+    assert rule.update(3.0, same, valid)  # unchanged for two steps, cost falling
+    rising = Convergence(patience=2, rtol=0.0)
+    assert not any(rising.update(c, same, valid) for c in (1.0, 2.0, 3.0, 4.0))
+    not_a_permutation = Convergence(patience=2, rtol=0.0)
+    assert not any(not_a_permutation.update(c, same, invalid) for c in (3.0, 2.0, 1.0, 0.5))
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_row_argmax_that_is_a_permutation_is_the_linear_assignment(blocks):
+    generator = torch.Generator().manual_seed(0)
+    checked = 0
+    for _ in range(200):
+        logits = (
+            torch.randn(6, 6, generator=generator) + 3 * torch.eye(6)[torch.randperm(6, generator=generator)]
+        )
+        greedy, valid = greedy_permutations({"g": logits}, {"g": blocks})
+        if bool(valid):
+            checked += 1
+            assert torch.equal(greedy, blocked_hard_permutation(logits, blocks))
+    assert checked > 20
