@@ -90,6 +90,28 @@ def _log_sinkhorn(log_s: Tensor, n_iter: int) -> Tensor:
     return log_s
 
 
+_EXP_RANGE = {torch.float32: 60.0, torch.float64: 600.0}  # e^range: far from overflow
+
+
+def _scaling_sinkhorn(scaled: Tensor, n_iter: int) -> Tensor | None:
+    """The same iterates as :func:`_log_sinkhorn`, as matrix scaling: ``P = diag(u) K diag(v)``
+    with ``K = exp(X/τ − max)``, ``u = 1 / (K v)``, ``v = 1 / (Kᵀ u)``. Matrix-vector
+    products instead of a logsumexp over the matrix per half-iteration; used when the
+    range of ``X/τ`` keeps ``u`` and ``v`` finite, else None (the log domain is used)."""
+    limit = _EXP_RANGE.get(scaled.dtype)
+    if limit is None or scaled.numel() == 0:
+        return None
+    top = scaled.amax(dim=(-2, -1), keepdim=True)
+    if float((top - scaled.amin(dim=(-2, -1), keepdim=True)).max()) > limit:
+        return None
+    kernel = torch.exp(scaled - top)
+    v = torch.ones(scaled.shape[:-1], dtype=scaled.dtype, device=scaled.device)
+    for _ in range(n_iter):
+        u = 1.0 / (kernel @ v.unsqueeze(-1)).squeeze(-1)
+        v = 1.0 / (kernel.transpose(-1, -2) @ u.unsqueeze(-1)).squeeze(-1)
+    return u.unsqueeze(-1) * kernel * v.unsqueeze(-2)
+
+
 def _default_ridge(dtype: torch.dtype) -> float:
     return 100.0 * torch.finfo(dtype).eps
 
@@ -189,7 +211,10 @@ class _ImplicitSinkhorn(torch.autograd.Function):
         work_dtype: torch.dtype,
     ) -> Tensor:
         with torch.no_grad():
-            plan = _log_sinkhorn(logits.to(work_dtype) / tau, n_iter).exp()
+            scaled = logits.to(work_dtype) / tau
+            plan = _scaling_sinkhorn(scaled, n_iter)
+            if plan is None:
+                plan = _log_sinkhorn(scaled, n_iter).exp()
         ctx.save_for_backward(plan)  # kept in the work dtype: the solve below runs in it
         ctx.settings = (tau, solver, ridge, cg_max_iter, cg_tol)
         return plan.to(logits.dtype)

@@ -96,3 +96,14 @@ def test_solver_object_matches_function_and_backpropagates():
     torch.testing.assert_close(plan, sinkhorn(x, 0.5, 30))
     plan.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_matrix_scaling_forward_equals_the_log_domain_iterates_and_falls_back_on_wide_ranges():
+    from avalanche_rebasin.sinkhorn import _log_sinkhorn, _scaling_sinkhorn
+
+    x = torch.randn(3, 40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 8
+    assert torch.allclose(_scaling_sinkhorn(x, 25), _log_sinkhorn(x, 25).exp(), atol=1e-12, rtol=0)
+    wide = x.float() * 10  # a range of X/τ beyond e^60: u, v could overflow in float32
+    assert _scaling_sinkhorn(wide, 25) is None
+    plan = sinkhorn(wide, tau=1.0, n_iter=25)
+    assert torch.isfinite(plan).all() and torch.allclose(plan.sum(-2), torch.ones(3, 40), atol=1e-5)
