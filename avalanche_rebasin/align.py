@@ -26,7 +26,7 @@ from .blocks import blocked_hard_permutation, blocked_sinkhorn
 from .costs import CosineCost, Cost, L1Cost, L2Cost, LossFn, MidpointCost, RandomPointCost
 from .matching import weight_matching_state
 from .permute import identity_permutation, model_state, permute, private_copy, soft_permute_state
-from .sinkhorn import marginal_error, permutation_matrix
+from .sinkhorn import Sinkhorn, marginal_error, permutation_matrix
 from .spec import PermutationSpec
 
 __all__ = ["AlignResult", "PermutationLogits", "align"]
@@ -46,7 +46,9 @@ class AlignResult:
         logits: the learned logits per group.
         history: cost after every optimisation step.
         steps, seconds: optimisation steps taken and wall time.
-        marginal_error: Sinkhorn's last marginal error (how converged the forward was).
+        marginal_error: Sinkhorn's last marginal error (how converged the forward was);
+            ``sinkhorn_converged``: within the solver's threshold (1e-3 by default), where
+            the implicit gradient is exact.
         data_exhausted: True when a one-shot ``data`` iterator ran out before ``steps``
             (the optimisation then stopped early, after ``steps`` steps).
         stop_reason: ``"converged"`` (the hard permutation stopped changing, see
@@ -63,6 +65,7 @@ class AlignResult:
     marginal_error: float = 0.0
     data_exhausted: bool = False
     stop_reason: str = "max_steps"
+    sinkhorn_converged: bool = True
 
     @property
     def converged(self) -> bool:
@@ -92,11 +95,12 @@ class PermutationLogits(nn.Module):
         """The logits per group, detached, without a copy."""
         return {g: x.detach() for g, x in zip(self.names, self.logits)}
 
-    def plans(self, tau: float, n_iter: int, backward: str = "implicit") -> dict[str, Tensor]:
+    def plans(self, solver: Sinkhorn) -> dict[str, Tensor]:
+        """Each group's plan from ``solver`` (blocks solved separately, groups of one size batched)."""
         out: dict[str, Tensor] = {}
         for (_, blocks), bucket in self._buckets:
             stacked = torch.stack([self.logits[i] for i in bucket])
-            plans = blocked_sinkhorn(stacked, blocks, tau, n_iter, backward=backward)
+            plans = blocked_sinkhorn(stacked, blocks, solver)
             out.update({self.names[i]: p for i, p in zip(bucket, plans.unbind(0))})
         return out
 
@@ -179,7 +183,7 @@ class _Loop:
     def __init__(self, logits: PermutationLogits, optimizer: torch.optim.Optimizer, convergence: Convergence):
         self.logits, self.optimizer, self.convergence = logits, optimizer, convergence
 
-    def run(self, loss_of, batches, steps: int, sinkhorn_args: tuple, cost, callback, progress: bool):
+    def run(self, loss_of, batches, steps: int, solver: Sinkhorn, cost, callback, progress: bool):
         plans: dict[str, Tensor] = {}
         blocks = {g: self.logits.spec.blocks(g) for g in self.logits.names}
         bar = tqdm(range(steps), desc="align", disable=not progress, leave=False)
@@ -190,7 +194,7 @@ class _Loop:
                     f"align: data ran out after {step} of {steps} steps; stopped there.", stacklevel=3
                 )
                 return plans, "data_exhausted"
-            plans = self.logits.plans(*sinkhorn_args)
+            plans = self.logits.plans(solver)
             loss = loss_of(plans, batch)
             if step == 0:
                 _check_cost_value(loss, cost)
@@ -222,6 +226,7 @@ def align(
     n_iter: int = 20,
     init: Init = "identity",
     sinkhorn_backward: Literal["implicit", "unrolled"] = "implicit",
+    sinkhorn: Sinkhorn | None = None,
     seed: int = 0,
     progress: bool = True,
     callback: Callable[[int, float, PermutationLogits], bool | None] | None = None,
@@ -237,7 +242,8 @@ def align(
             ``cost(theta_a, theta_b_permuted, batch)``; data costs read batches
             ``(x, y)`` from ``data``, cycling through it.
         steps, lr: at most ``steps`` Adam steps on the logits, and their learning rate.
-        tau, n_iter: Sinkhorn temperature and iterations.
+        tau, n_iter, sinkhorn_backward: Sinkhorn temperature, iterations and backward mode,
+            or ``sinkhorn=Sinkhorn(...)``, a configured solver (its settings win).
         init: logits start at the identity, at random, or at the weight-matching solution.
         callback: called as ``callback(step, cost, logits)`` after every step; returning
             True stops the optimisation early (e.g. once ``logits.hard()`` is right).
@@ -259,6 +265,7 @@ def align(
     """
     if not (tau > 0):
         raise ValueError(f"tau must be > 0, got {tau!r}.")
+    solver = sinkhorn if sinkhorn is not None else Sinkhorn(tau, n_iter, backward=sinkhorn_backward)
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps!r}.")
     spec = resolve_spec(model_a, spec, example_input)
@@ -286,7 +293,7 @@ def align(
         lambda plans, batch: cost_fn(theta_a, soft_permute_state(b_subset, spec, plans), batch),
         batches,
         steps,
-        (tau, n_iter, sinkhorn_backward),
+        solver,
         cost,
         callback,
         progress,
@@ -301,7 +308,8 @@ def align(
         history=history,
         steps=len(history),
         seconds=time.perf_counter() - start,
-        marginal_error=max((marginal_error(p) for p in plans.values()), default=0.0),
+        marginal_error=(error := max((marginal_error(p) for p in plans.values()), default=0.0)),
+        sinkhorn_converged=error <= (solver.threshold or 1e-3),
         data_exhausted=reason == "data_exhausted",
         stop_reason=reason,
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .sinkhorn import hard_permutation, sinkhorn
+from .sinkhorn import Sinkhorn, hard_permutation
 
 __all__ = ["blocked_hard_permutation", "blocked_sinkhorn", "diagonal_blocks"]
 
@@ -33,11 +33,11 @@ def _block_diag(tiles: Tensor) -> Tensor:
     return full.reshape(*batch, blocks * m, blocks * m)
 
 
-def blocked_sinkhorn(logits: Tensor, blocks: int, tau: float, n_iter: int, **kwargs) -> Tensor:
+def blocked_sinkhorn(logits: Tensor, blocks: int, solver: Sinkhorn) -> Tensor:
     """Sinkhorn plan restricted to block-diagonal couplings (``blocks = 1``: plain Sinkhorn)."""
     if blocks == 1:
-        return sinkhorn(logits, tau, n_iter, **kwargs)
-    return _block_diag(sinkhorn(diagonal_blocks(logits, blocks), tau, n_iter, **kwargs))
+        return solver(logits)
+    return _block_diag(solver(diagonal_blocks(logits, blocks)))
 
 
 def blocked_hard_permutation(scores: Tensor, blocks: int = 1) -> Tensor:

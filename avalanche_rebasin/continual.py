@@ -26,7 +26,7 @@ from .continual_config import RebasinConfig
 from .grouped_optimizer import GroupedOptimizer
 from .matching import similarity_matrix
 from .permute import identity_permutation, model_state, permute_state, soft_permute_state
-from .sinkhorn import permutation_matrix
+from .sinkhorn import Sinkhorn, permutation_matrix
 from .spec import PermutationSpec
 
 __all__ = [
@@ -137,7 +137,7 @@ class RebasinNetwork(nn.Module):
     def plans(self) -> dict[str, Tensor]:
         """The plans used in training: soft, or the hard forward with the soft gradient."""
         assert self.permutation is not None
-        plans = self.permutation.plans(self.tau, self.config.sinkhorn_iters)
+        plans = self.permutation.plans(Sinkhorn(self.tau, self.config.sinkhorn_iters))
         if not self.config.straight_through:
             return plans
         hard = self.permutation.hard()
@@ -248,7 +248,7 @@ def experience_report(network: RebasinNetwork) -> ExperienceReport:
     """The cheap diagnostics (no data pass)."""
     row_max = 1.0
     if network.permutation is not None:
-        plans = network.permutation.plans(network.tau, network.config.sinkhorn_iters)
+        plans = network.permutation.plans(Sinkhorn(network.tau, network.config.sinkhorn_iters))
         row_max = sum(float(p.max(-1).values.mean()) for p in plans.values()) / len(plans)
     hard = network.hard_permutations()
     moved = sum(int((idx != torch.arange(len(idx), device=idx.device)).sum()) for idx in hard.values())

@@ -38,6 +38,7 @@ from torch import Tensor
 
 __all__ = [
     "Sinkhorn",
+    "SinkhornOutput",
     "hard_permutation",
     "marginal_error",
     "permutation_matrix",
@@ -82,18 +83,28 @@ def _work_dtype(logits: Tensor, tau: float) -> torch.dtype:
     )
 
 
-def _log_sinkhorn(log_s: Tensor, n_iter: int) -> Tensor:
-    """``n_iter`` rounds of row then column normalisation in the log domain."""
-    for _ in range(n_iter):
+_CHECK_EVERY = 5  # iterations between two marginal-error checks (each one a host sync)
+
+
+def _row_error(log_s: Tensor) -> float:
+    return float((torch.logsumexp(log_s, dim=-1).exp() - 1).abs().max())
+
+
+def _log_sinkhorn(log_s: Tensor, n_iter: int, threshold: float | None = None) -> Tensor:
+    """At most ``n_iter`` rounds of row then column normalisation in the log domain; with a
+    ``threshold``, fewer once the row marginals are within it (columns are exact)."""
+    for i in range(n_iter):
         log_s = log_s - torch.logsumexp(log_s, dim=-1, keepdim=True)
         log_s = log_s - torch.logsumexp(log_s, dim=-2, keepdim=True)
+        if threshold is not None and (i + 1) % _CHECK_EVERY == 0 and _row_error(log_s) <= threshold:
+            break
     return log_s
 
 
 _EXP_RANGE = {torch.float32: 60.0, torch.float64: 600.0}  # e^range: far from overflow
 
 
-def _scaling_sinkhorn(scaled: Tensor, n_iter: int) -> Tensor | None:
+def _scaling_sinkhorn(scaled: Tensor, n_iter: int, threshold: float | None = None) -> Tensor | None:
     """The same iterates as :func:`_log_sinkhorn`, as matrix scaling: ``P = diag(u) K diag(v)``
     with ``K = exp(X/τ − max)``, ``u = 1 / (K v)``, ``v = 1 / (Kᵀ u)``. Matrix-vector
     products instead of a logsumexp over the matrix per half-iteration; used when the
@@ -106,9 +117,13 @@ def _scaling_sinkhorn(scaled: Tensor, n_iter: int) -> Tensor | None:
         return None
     kernel = torch.exp(scaled - top)
     v = torch.ones(scaled.shape[:-1], dtype=scaled.dtype, device=scaled.device)
-    for _ in range(n_iter):
+    for i in range(n_iter):
         u = 1.0 / (kernel @ v.unsqueeze(-1)).squeeze(-1)
         v = 1.0 / (kernel.transpose(-1, -2) @ u.unsqueeze(-1)).squeeze(-1)
+        if threshold is not None and (i + 1) % _CHECK_EVERY == 0:
+            rows = u * (kernel @ v.unsqueeze(-1)).squeeze(-1)
+            if float((rows - 1).abs().max()) <= threshold:
+                break
     return u.unsqueeze(-1) * kernel * v.unsqueeze(-2)
 
 
@@ -209,12 +224,13 @@ class _ImplicitSinkhorn(torch.autograd.Function):
         cg_max_iter: int,
         cg_tol: float,
         work_dtype: torch.dtype,
+        threshold: float | None,
     ) -> Tensor:
         with torch.no_grad():
             scaled = logits.to(work_dtype) / tau
-            plan = _scaling_sinkhorn(scaled, n_iter)
+            plan = _scaling_sinkhorn(scaled, n_iter, threshold)
             if plan is None:
-                plan = _log_sinkhorn(scaled, n_iter).exp()
+                plan = _log_sinkhorn(scaled, n_iter, threshold).exp()
         ctx.save_for_backward(plan)  # kept in the work dtype: the solve below runs in it
         ctx.settings = (tau, solver, ridge, cg_max_iter, cg_tol)
         return plan.to(logits.dtype)
@@ -223,7 +239,7 @@ class _ImplicitSinkhorn(torch.autograd.Function):
     def backward(ctx, grad_plan: Tensor):
         (plan,) = ctx.saved_tensors
         tau, solver, ridge, cg_max_iter, cg_tol = ctx.settings
-        out_dtype, none = grad_plan.dtype, (None,) * 7
+        out_dtype, none = grad_plan.dtype, (None,) * 8
         if plan.shape[-1] == 1:  # the only 1×1 plan is [[1]], whatever the logits
             return torch.zeros_like(grad_plan), *none
         g_hat = grad_plan.to(plan.dtype) * plan  # a new tensor: the incoming gradient is never written
@@ -253,8 +269,12 @@ def sinkhorn(
     ridge: float | None = None,
     cg_max_iter: int | None = None,
     cg_tol: float = 1e-10,
+    threshold: float | None = None,
 ) -> Tensor:
     """Doubly-stochastic plan ``Sinkhorn(X / τ)`` for square logits ``(..., n, n)``.
+
+    At most ``n_iter`` iterations; with a ``threshold``, fewer once the marginal error is
+    below it (checked every 5 iterations).
 
     ``backward="implicit"`` differentiates the fixed point (memory independent of
     ``n_iter``; exact once the forward has converged, see :func:`marginal_error`);
@@ -267,7 +287,7 @@ def sinkhorn(
     _check_inputs(logits, tau, n_iter)
     work_dtype = _work_dtype(logits, float(tau))
     if backward == "unrolled":
-        return _log_sinkhorn(logits.to(work_dtype) / tau, int(n_iter)).exp().to(logits.dtype)
+        return _log_sinkhorn(logits.to(work_dtype) / tau, int(n_iter), threshold).exp().to(logits.dtype)
     if backward != "implicit":
         raise ValueError(f"backward must be 'implicit' or 'unrolled', got {backward!r}.")
     if linear_solver not in ("schur", "cg", "full"):
@@ -276,15 +296,35 @@ def sinkhorn(
     ridge = _default_ridge(work_dtype) if ridge is None else float(ridge)
     cg_iters = cg_max_iter if cg_max_iter is not None else 2 * n
     return _ImplicitSinkhorn.apply(
-        logits, float(tau), int(n_iter), linear_solver, ridge, int(cg_iters), float(cg_tol), work_dtype
+        logits,
+        float(tau),
+        int(n_iter),
+        linear_solver,
+        ridge,
+        int(cg_iters),
+        float(cg_tol),
+        work_dtype,
+        threshold,
     )
 
 
 @dataclass(frozen=True)
-class Sinkhorn:
-    """A configured Sinkhorn solver: ``Sinkhorn(tau=0.5)(logits)`` returns the plan.
+class SinkhornOutput:
+    """A plan and how far its forward got: ``converged`` once ``marginal_error`` is within
+    the solver's ``threshold`` (1e-3 when none is set); the implicit gradient is exact there."""
 
-    Attributes mirror :func:`sinkhorn`'s parameters.
+    plan: Tensor
+    marginal_error: float
+    converged: bool
+
+
+@dataclass(frozen=True)
+class Sinkhorn:
+    """A configured Sinkhorn solver, validated once: ``Sinkhorn(tau=0.5)(logits)`` returns
+    the plan, ``.solve(logits)`` a :class:`SinkhornOutput`.
+
+    Attributes mirror :func:`sinkhorn`'s parameters; ``threshold`` (optional) stops the
+    forward early once the marginal error is below it.
     """
 
     tau: float = 1.0
@@ -292,12 +332,21 @@ class Sinkhorn:
     backward: BackwardMode = "implicit"
     linear_solver: LinearSolver = "schur"
     ridge: float | None = None
+    cg_max_iter: int | None = None
+    cg_tol: float = 1e-10
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.tau) and self.tau > 0):
             raise ValueError(f"Sinkhorn temperature tau must be a finite number > 0, got {self.tau!r}.")
-        if self.n_iter < 1:
-            raise ValueError(f"Sinkhorn needs n_iter >= 1 iterations, got {self.n_iter!r}.")
+        if isinstance(self.n_iter, bool) or not isinstance(self.n_iter, int) or self.n_iter < 1:
+            raise ValueError(f"Sinkhorn needs an integer n_iter >= 1, got {self.n_iter!r}.")
+        if self.backward not in ("implicit", "unrolled"):
+            raise ValueError(f"backward must be 'implicit' or 'unrolled', got {self.backward!r}.")
+        if self.linear_solver not in ("schur", "cg", "full"):
+            raise ValueError(f"linear_solver must be 'schur', 'cg' or 'full', got {self.linear_solver!r}.")
+        if self.threshold is not None and not self.threshold > 0:
+            raise ValueError(f"threshold must be > 0 or None, got {self.threshold!r}.")
 
     def __call__(self, logits: Tensor) -> Tensor:
         return sinkhorn(
@@ -307,7 +356,15 @@ class Sinkhorn:
             backward=self.backward,
             linear_solver=self.linear_solver,
             ridge=self.ridge,
+            cg_max_iter=self.cg_max_iter,
+            cg_tol=self.cg_tol,
+            threshold=self.threshold,
         )
+
+    def solve(self, logits: Tensor) -> SinkhornOutput:
+        plan = self(logits)
+        error = marginal_error(plan)
+        return SinkhornOutput(plan, error, error <= (self.threshold or 1e-3))
 
 
 def marginal_error(plan: Tensor) -> float:

@@ -107,3 +107,38 @@ def test_matrix_scaling_forward_equals_the_log_domain_iterates_and_falls_back_on
     assert _scaling_sinkhorn(wide, 25) is None
     plan = sinkhorn(wide, tau=1.0, n_iter=25)
     assert torch.isfinite(plan).all() and torch.allclose(plan.sum(-2), torch.ones(3, 40), atol=1e-5)
+
+
+def test_solver_object_validates_once_reports_convergence_and_stops_at_its_threshold():
+    from avalanche_rebasin.sinkhorn import Sinkhorn
+
+    for bad in (dict(tau=0.0), dict(n_iter=0), dict(n_iter=2.5), dict(backward="x"), dict(threshold=-1.0)):
+        with pytest.raises(ValueError):
+            Sinkhorn(**bad)
+    x = torch.randn(2, 30, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    loose = Sinkhorn(n_iter=500, threshold=1e-3).solve(x)
+    assert loose.converged and loose.marginal_error <= 1e-3
+    full = Sinkhorn(n_iter=500).solve(x)
+    assert full.marginal_error < loose.marginal_error  # the threshold stopped the first one early
+    short = Sinkhorn(n_iter=1).solve(x * 20)
+    assert not short.converged
+
+
+def test_align_takes_a_configured_solver_and_reports_whether_it_converged():
+    from rebasin_testkit import mlp
+
+    from avalanche_rebasin import PermutationSpec, align, permute, random_permutation
+    from avalanche_rebasin.sinkhorn import Sinkhorn
+
+    torch.manual_seed(0)
+    model, x = mlp(2, width=8), torch.randn(2, 20)
+    spec = PermutationSpec.from_model(model, x)
+    permuted = permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(0)))
+    result = align(
+        model, permuted, spec=spec, sinkhorn=Sinkhorn(tau=1.0, n_iter=50, threshold=1e-6), progress=False
+    )
+    assert result.sinkhorn_converged and result.marginal_error <= 1e-6
+    starved = align(
+        model, permuted, spec=spec, sinkhorn=Sinkhorn(n_iter=1), steps=3, patience=None, progress=False
+    )
+    assert starved.marginal_error > 1e-3 and not starved.sinkhorn_converged
