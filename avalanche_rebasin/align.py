@@ -224,7 +224,7 @@ def align(
     lr: float = 0.3,
     tau: float = 1.0,
     n_iter: int = 20,
-    init: Init = "identity",
+    init: Init = "weight_matching",
     sinkhorn_backward: Literal["implicit", "unrolled"] = "implicit",
     sinkhorn: Sinkhorn | None = None,
     seed: int = 0,
@@ -244,7 +244,8 @@ def align(
         steps, lr: at most ``steps`` Adam steps on the logits, and their learning rate.
         tau, n_iter, sinkhorn_backward: Sinkhorn temperature, iterations and backward mode,
             or ``sinkhorn=Sinkhorn(...)``, a configured solver (its settings win).
-        init: logits start at the identity, at random, or at the weight-matching solution.
+        init: logits start at the weight-matching solution (default: a warm start that
+            is exact for a permuted copy), at the identity, or at random.
         callback: called as ``callback(step, cost, logits)`` after every step; returning
             True stops the optimisation early (e.g. once ``logits.hard()`` is right).
         patience, rtol: stop once the hard permutation has not changed for ``patience``

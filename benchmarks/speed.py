@@ -87,7 +87,7 @@ def model_case(name: str, model, example, steps: int) -> dict:
     model_b = permute(model, spec, perms)
     params = {n for n, _ in model.named_parameters()}
     keys = [k for k in spec.axes if k in params]
-    _, one_step_s = timed(lambda: align(model, model_b, spec=spec, steps=1, progress=False))
+    _, one_step_s = timed(lambda: align(model, model_b, spec=spec, steps=1, init="identity", progress=False))
     solved_at = []
 
     def solved(step, cost, logits):
@@ -97,7 +97,9 @@ def model_case(name: str, model, example, steps: int) -> dict:
         return False
 
     _, total_s = timed(
-        lambda: align(model, model_b, spec=spec, steps=steps, lr=0.3, progress=False, callback=solved)
+        lambda: align(
+            model, model_b, spec=spec, steps=steps, lr=0.3, init="identity", progress=False, callback=solved
+        )
     )
     (_, sweeps), wm_s = timed(
         lambda: weight_matching_state(model_state(model), model_state(model_b), spec, keys=keys)

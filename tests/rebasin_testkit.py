@@ -180,6 +180,7 @@ def assert_recovered(model: nn.Module, x, method: str, seed: int = 0, **kwargs) 
     if method == "weight_matching":
         recovered = permute(permuted, spec, weight_matching(model, permuted, spec=spec, **kwargs))
     else:
+        kwargs.setdefault("init", "identity")  # Sinkhorn on its own: weight matching would start exact
         recovered = align(model, permuted, spec=spec, cost="l2", progress=False, **kwargs).model
     wrong = [k for k, v in recovered.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
     assert not wrong, f"{method} left {len(wrong)} tensors permuted, e.g. {wrong[:3]}"

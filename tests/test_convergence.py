@@ -16,11 +16,12 @@ def _permuted_pair(hidden_layers: int = 4, width: int = 10):
     return model, permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(1))), spec
 
 
-def test_align_stops_once_converged_and_is_exact():
+@pytest.mark.parametrize("init", ["identity", "weight_matching"])
+def test_align_stops_once_converged_and_is_exact(init):
     model, permuted, spec = _permuted_pair()
-    result = align(model, permuted, spec=spec, steps=500, progress=False)
+    result = align(model, permuted, spec=spec, steps=500, init=init, progress=False)
     assert result.stop_reason == "converged" and result.converged
-    assert result.steps < 100  # a cap, not a schedule
+    assert result.steps < (100 if init == "identity" else 10)  # a cap, not a schedule
     recovered = result.model.state_dict()
     assert all(torch.equal(recovered[k], v) for k, v in model.state_dict().items())
 
