@@ -23,6 +23,7 @@ import os
 os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # before torch is imported
 
 import argparse
+import atexit
 import json
 import statistics
 import subprocess
@@ -147,6 +148,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     )
 
 
+def _competitor() -> subprocess.Popen:
+    """Background load: one thread multiplying 512×512 matrices until killed."""
+    code = "import torch\nx = torch.randn(512, 512)\nwhile True:\n    x = torch.tanh(x @ x)\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-c", code], env=env)
+    atexit.register(process.kill)  # also when the run fails
+    return process
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
@@ -154,7 +164,16 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="the three small MLPs, once each")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/peers")
+    p.add_argument(
+        "--compete",
+        action="store_true",
+        help="run a competing process (one thread of matrix products) the whole time; default out "
+        "results/peers/compete",
+    )
     args = p.parse_args()
+    if args.compete and args.out == "results/peers":
+        args.out = "results/peers/compete"
+    competitor = _competitor() if args.compete else None
     tasks = list(TASKS)[:3] if args.quick else args.tasks
     print("OMP_NUM_THREADS=1, MKL_NUM_THREADS=1 in every process; torch", torch.__version__, flush=True)
     runs: list[dict[str, Any]] = []
@@ -182,6 +201,9 @@ def main() -> None:
         f"DistL2Loss lr 0.1; ResNet18 DistL1Loss lr 10; at most {AUTHORS_MAX_STEPS} steps, stopping at a "
         "zero hard loss); snimu: PermutationCoordinateDescent(a, b, x).rebasin() (max_iterations 100)."
     )
+    if competitor is not None:
+        competitor.kill()
+        note += " Measured with one competing process (a one-thread matrix-product loop) running throughout."
     md = table(rows)
     print("\n" + md + "\n\n" + note)
     out = Path(args.out)
