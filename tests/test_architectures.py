@@ -240,3 +240,25 @@ def test_compiled_model_is_traced_through_its_original_module():
     permuted = permute(compiled, spec, random_permutation(spec, torch.Generator().manual_seed(0)))
     x = torch.randn(3, 4)
     assert (permuted._orig_mod(x) - model(x)).abs().max() < 1e-6  # eager: no compilation in the suite
+
+
+class EncoderDecoder(nn.Module):
+    """nn.Transformer with a causal target mask: cross-attention reads the encoder's stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.source, self.target, self.out = nn.Linear(5, 8), nn.Linear(4, 8), nn.Linear(8, 3)
+        self.transformer = nn.Transformer(8, 2, 1, 1, 16, dropout=0.0, batch_first=True)
+
+    def forward(self, x, y):
+        mask = nn.Transformer.generate_square_subsequent_mask(y.shape[1])
+        return self.out(self.transformer(self.source(x), self.target(y), tgt_mask=mask))
+
+
+def test_encoder_decoder_transformer_with_a_causal_mask():
+    torch.manual_seed(0)
+    spec = assert_function_preserved(EncoderDecoder(), (torch.randn(2, 7, 5), torch.randn(2, 4, 4)))
+    assert "transformer.decoder.layers.0.multihead_attn.heads" in spec.groups
+    # the cross-attention's shared input projection ties the decoder's stream to the encoder's
+    cross = spec.axes["transformer.decoder.layers.0.multihead_attn.in_proj_weight"][1]
+    assert cross.group == spec.axes["source.weight"][0].group == spec.axes["target.weight"][0].group
