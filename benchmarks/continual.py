@@ -152,8 +152,6 @@ def make_benchmark(args: argparse.Namespace, seed: int):
     if args.benchmark == "permuted-mnist":
         return PermutedMNIST(n, seed=seed, dataset_root=mnist_root(args)), 10
     root = cifar_root(args)
-    if not (root / "cifar-100-python").exists():
-        raise SystemExit(missing_cifar(root))
     return SplitCIFAR100(
         n, return_task_id=False, seed=seed, fixed_class_order=list(range(CIFAR_CLASSES)), dataset_root=root
     ), CIFAR_CLASSES
@@ -169,6 +167,27 @@ def missing_cifar(root: Path) -> str:
         f"{root} (e.g. on an online machine: torchvision.datasets.CIFAR100('{root}', download=True)) "
         "and pass --data-root."
     )
+
+
+def cifar_problem(root: Path) -> str | None:
+    """None if CIFAR-100 is usable under ``root`` (downloading it first where there is network),
+    else what is wrong and the fix. Runs before anything is trained or written."""
+    from torchvision.datasets import CIFAR100
+
+    present, existed = (root / "cifar-100-python").exists(), root.exists()
+    try:
+        for train in (True, False):
+            CIFAR100(str(root), train=train, download=not present)
+    except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
+        return (
+            f"the CIFAR-100 copy under {root} does not match the official archive ({error}); replace "
+            "its 'cifar-100-python' folder with the official one, or delete it to download it again"
+        )
+    except OSError as error:  # no network (URLError is an OSError)
+        if not existed:
+            shutil.rmtree(root, ignore_errors=True)  # leave nothing behind
+        return f"{missing_cifar(root)} Downloading it failed: {error}"
+    return None
 
 
 def make_model(args: argparse.Namespace, n_classes: int) -> nn.Module:
@@ -598,8 +617,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(
                 f"--experiences {args.experiences}: Split CIFAR-100 needs a divisor of 100, one of {divisors}"
             )
-        if not args.merge and not (cifar_root(args) / "cifar-100-python").exists():
-            p.error(missing_cifar(cifar_root(args)))
+        problem = None if args.merge else cifar_problem(cifar_root(args))
+        if problem:
+            p.error(problem)
     try:
         device = torch.device(args.device)
     except RuntimeError as err:

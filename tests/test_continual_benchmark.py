@@ -185,3 +185,73 @@ def test_an_error_while_writing_leaves_no_results_folder(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         harness.main(["--strategies", "naive", "--out", str(tmp_path / "out")])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(autouse=True)
+def offline_cifar(monkeypatch):
+    """Tests never download: torchvision's CIFAR download fails as it does without network."""
+    import urllib.error
+
+    from torchvision.datasets import CIFAR100
+
+    def offline(self):
+        if not self._check_integrity():  # as torchvision's: a verified copy is not downloaded
+            raise urllib.error.URLError("no network in the tests")
+
+    monkeypatch.setattr(CIFAR100, "download", offline)
+
+
+def _tiny_cifar100(root: Path, per_class: int = 2) -> None:
+    """A CIFAR-100 copy in the official format (python pickles), ``per_class`` images per class."""
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("train", per_class), ("test", 1)):
+        labels = [c for c in range(100) for _ in range(n)]
+        batch = {
+            "data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8),
+            "fine_labels": labels,
+            "coarse_labels": [c // 5 for c in labels],
+            "filenames": [f"{i}.png" for i in range(len(labels))],
+            "batch_label": name,
+        }
+        (folder / name).write_bytes(pickle.dumps(batch))
+    meta = {
+        "fine_label_names": [f"class{c}" for c in range(100)],
+        "coarse_label_names": [str(c) for c in range(20)],
+    }
+    (folder / "meta").write_bytes(pickle.dumps(meta))
+
+
+def test_split_cifar100_loads_a_copy_in_the_official_format_and_runs(tmp_path, monkeypatch, capsys):
+    from torchvision.datasets import CIFAR100
+
+    _tiny_cifar100(tmp_path / "data")
+    out = tmp_path / "out"
+    argv = ["--benchmark", "split-cifar100", "--data-root", str(tmp_path / "data"), "--experiences", "2"]
+    argv += [
+        "--strategies",
+        "naive",
+        "rebasin",
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+        "--cache",
+        str(tmp_path / "c"),
+    ]
+    with pytest.raises(SystemExit):  # the checksum is real: a copy that differs is refused, named
+        harness.main(argv)
+    assert "does not match the official archive" in capsys.readouterr().err and not out.exists()
+    import torchvision.datasets.cifar as cifar
+
+    monkeypatch.setattr(CIFAR100, "_check_integrity", lambda self: True)  # the checksums, bypassed here only
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+    harness.main(argv)
+    runs = json.loads((out / "runs.json").read_text())["runs"]
+    assert {r["strategy"] for r in runs} == {"naive", "rebasin"}
+    assert all(len(r["history"]) == 2 for r in runs)
