@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint peers
+.PHONY: demo test lint peers data
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,3 +25,7 @@ lint: $(STAMP)
 # Speed against the authors' sinkhorn-rebasin and snimu's rebasin (their venvs go to .cache/peers/).
 peers: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/peers.py
+
+# Real Fashion-MNIST for the benchmarks (Debian's package; as root). Tests never need it.
+data:
+	apt-get update && apt-get install -y dataset-fashion-mnist

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import gzip
 import json
 import math
 import os
@@ -53,7 +54,13 @@ from embedded_mnist import prepare_embedded_mnist
 
 warnings.filterwarnings("ignore")
 
-from avalanche.benchmarks.classic import PermutedMNIST, RotatedMNIST, SplitCIFAR100, SplitMNIST  # noqa: E402
+from avalanche.benchmarks.classic import (  # noqa: E402
+    PermutedMNIST,
+    RotatedMNIST,
+    SplitCIFAR100,
+    SplitFMNIST,
+    SplitMNIST,
+)
 from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics  # noqa: E402
 from avalanche.models import SimpleMLP, SlimResNet18  # noqa: E402
 from avalanche.training import AGEM, EWC, JointTraining, LwF, Naive  # noqa: E402
@@ -97,7 +104,8 @@ PER_CLASS_PER_EXP = 5  # replay budget of the authors' protocol
 # The arguments that define an experiment: runs that differ in any of them are never combined.
 SETTINGS = ("benchmark", "model", "epochs", "experiences", "validation", "full_mnist", "ewc_tuned_lambda")
 CIFAR_CLASSES = 100
-CLASS_INCREMENTAL = {"split-cifar100", "split-mnist"}  # each experience brings new classes
+CLASS_INCREMENTAL = {"split-cifar100", "split-mnist", "split-fashion-mnist"}  # new classes each time
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # `make data` (dataset-fashion-mnist)
 # Chosen by `--tune-ewc 1 10 100 1000 10000` on the validation split (results/<benchmark>/ewc_tuning.json).
 EWC_TUNED_LAMBDA = 1000.0
 
@@ -154,6 +162,12 @@ def make_benchmark(args: argparse.Namespace, seed: int):
         return RotatedMNIST(n, seed=seed, rotations_list=rotations, dataset_root=mnist_root(args)), 10
     if args.benchmark == "permuted-mnist":
         return PermutedMNIST(n, seed=seed, dataset_root=mnist_root(args)), 10
+    if args.benchmark == "split-fashion-mnist":
+        classes = list(range(10))
+        root = fashion_root(args)
+        return SplitFMNIST(
+            n, return_task_id=False, seed=seed, fixed_class_order=classes, dataset_root=root
+        ), 10
     if args.benchmark == "split-mnist":  # class-incremental: one head over the 10 digits
         classes = list(range(10))
         return SplitMNIST(
@@ -163,6 +177,39 @@ def make_benchmark(args: argparse.Namespace, seed: int):
     return SplitCIFAR100(
         n, return_task_id=False, seed=seed, fixed_class_order=list(range(CIFAR_CLASSES)), dataset_root=root
     ), CIFAR_CLASSES
+
+
+def fashion_root(args: argparse.Namespace) -> Path:
+    """``--data-root``, or a cache folder in torchvision's layout holding the Debian package's
+    files (``make data``) extracted, or where torchvision downloads them if there is network."""
+    if args.data_root:
+        return Path(args.data_root)
+    root = Path(args.cache) / "fashion-mnist"
+    raw = root / "FashionMNIST" / "raw"
+    if DEBIAN_FASHION_MNIST.exists() and not raw.exists():
+        staging = root / "FashionMNIST" / "raw.partial"  # Debian recompressed the archives, so
+        staging.mkdir(parents=True, exist_ok=True)  # they are extracted here, not checksummed
+        for archive in DEBIAN_FASHION_MNIST.glob("*-ubyte.gz"):
+            with gzip.open(archive) as source, open(staging / archive.name[: -len(".gz")], "wb") as target:
+                shutil.copyfileobj(source, target)
+        staging.rename(raw)
+    return root
+
+
+def fashion_problem(root: Path) -> str | None:
+    """None if Fashion-MNIST loads from ``root`` (after a download where there is network)."""
+    from torchvision.datasets import FashionMNIST
+
+    try:
+        for train in (True, False):
+            FashionMNIST(str(root), train=train, download=True)
+    except (OSError, RuntimeError) as error:
+        return (
+            f"Fashion-MNIST is not under {root} and could not be downloaded ({error}); run `make data` "
+            "(installs Debian's dataset-fashion-mnist) or pass --data-root with torchvision's "
+            "FashionMNIST/raw files"
+        )
+    return None
 
 
 def cifar_root(args: argparse.Namespace) -> Path:
@@ -553,7 +600,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--benchmark",
-        choices=["rotated-mnist", "permuted-mnist", "split-mnist", "split-cifar100"],
+        choices=["rotated-mnist", "permuted-mnist", "split-mnist", "split-fashion-mnist", "split-cifar100"],
         default="rotated-mnist",
     )
     p.add_argument(
@@ -622,8 +669,14 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
         if repeated:
             p.error(f"{option} lists {', '.join(repeated)} more than once; give each once")
-    if args.benchmark == "split-mnist" and 10 % args.experiences:
-        p.error(f"--experiences {args.experiences}: Split MNIST needs a divisor of 10, one of [1, 2, 5, 10]")
+    if args.benchmark in ("split-mnist", "split-fashion-mnist") and 10 % args.experiences:
+        p.error(
+            f"--experiences {args.experiences}: {args.benchmark} needs a divisor of 10, one of [1, 2, 5, 10]"
+        )
+    if args.benchmark == "split-fashion-mnist" and not args.merge:
+        problem = fashion_problem(fashion_root(args))
+        if problem:
+            p.error(problem)
     if args.benchmark == "split-cifar100":
         if CIFAR_CLASSES % args.experiences:
             divisors = [d for d in range(1, CIFAR_CLASSES + 1) if CIFAR_CLASSES % d == 0]
@@ -705,7 +758,7 @@ def main(argv: list[str] | None = None) -> None:
     p = make_parser()
     args = p.parse_args(argv)
     if args.experiences is None:
-        defaults = {"rotated-mnist": 20, "split-mnist": 5}
+        defaults = {"rotated-mnist": 20, "split-mnist": 5, "split-fashion-mnist": 5}
         args.experiences = 5 if args.quick else defaults.get(args.benchmark, 10)
     if args.quick:
         args.epochs = 1

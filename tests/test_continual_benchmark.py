@@ -265,3 +265,35 @@ def test_split_mnist_runs_class_incrementally_on_the_embedded_digits(tmp_path):
     assert {r["strategy"] for r in runs} == {"naive", "rebasin:midpoint"}
     naive = next(r for r in runs if r["strategy"] == "naive")
     assert len(naive["history"]) == 5 and 0.0 < naive["final_acc"] < 0.5  # class-incremental forgetting
+
+
+def _tiny_fashion_mnist(root: Path, per_class: int = 20) -> None:
+    """Torchvision's FashionMNIST/raw files (idx format, already extracted), few images."""
+    import struct
+
+    import numpy as np
+
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", per_class), ("t10k", 2)):
+        labels = np.repeat(np.arange(10, dtype=np.uint8), n)
+        images = rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 2051, len(labels), 28, 28) + images.tobytes()
+        )
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">II", 2049, len(labels)) + labels.tobytes()
+        )
+
+
+def test_split_fashion_mnist_reads_torchvision_raw_files(tmp_path):
+    _tiny_fashion_mnist(tmp_path / "data")
+    out = tmp_path / "out"
+    argv = ["--benchmark", "split-fashion-mnist", "--data-root", str(tmp_path / "data"), "--quick"]
+    harness.main(
+        [*argv, "--strategies", "naive", "rebasin", "--out", str(out), "--cache", str(tmp_path / "c")]
+    )
+    runs = json.loads((out / "runs.json").read_text())["runs"]
+    assert {r["strategy"] for r in runs} == {"naive", "rebasin"}
+    assert all(len(r["history"]) == 5 for r in runs)
