@@ -669,6 +669,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
         if repeated:
             p.error(f"{option} lists {', '.join(repeated)} more than once; give each once")
+    embedded = args.benchmark in ("rotated-mnist", "permuted-mnist", "split-mnist") and not args.full_mnist
+    if (args.validation or args.tune_ewc) and not embedded:
+        p.error(
+            f"--validation/--tune-ewc need a validation split, which only the embedded MNIST benchmarks "
+            f"have (rotated-mnist, permuted-mnist, split-mnist, without --full-mnist); on "
+            f"{args.benchmark}{' with --full-mnist' if args.full_mnist else ''} they would read the test set"
+        )
     if args.benchmark in ("split-mnist", "split-fashion-mnist") and 10 % args.experiences:
         p.error(
             f"--experiences {args.experiences}: {args.benchmark} needs a divisor of 10, one of [1, 2, 5, 10]"

@@ -127,6 +127,8 @@ def test_bad_strategy_tokens_are_refused_before_any_strategy_runs(
         (["--benchmark", "split-cifar100", "--experiences", "7"], "needs a divisor of 100"),
         (["--benchmark", "split-cifar100"], "Split CIFAR-100 needs a local copy"),
         (["--device", "nonsense"], "is not a torch device"),
+        (["--benchmark", "split-cifar100", "--validation"], "would read the test set"),
+        (["--full-mnist", "--tune-ewc", "10"], "with --full-mnist they would read the test set"),
         (["--merge", "no-such-folder"], "--merge no-such-folder: no runs.json there"),
     ],
 )
