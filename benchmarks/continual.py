@@ -64,6 +64,7 @@ from avalanche.benchmarks.classic import (  # noqa: E402
 from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics  # noqa: E402
 from avalanche.models import SimpleMLP, SlimResNet18  # noqa: E402
 from avalanche.training import AGEM, EWC, JointTraining, LwF, Naive  # noqa: E402
+from avalanche.training.determinism.rng_manager import RNGManager  # noqa: E402
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin  # noqa: E402
 from avalanche.training.storage_policy import ExperienceBalancedBuffer  # noqa: E402
 
@@ -274,7 +275,7 @@ def replay_plugin(args: argparse.Namespace, n_classes: int) -> ReplayPlugin:
 
 def build(token: str, args: argparse.Namespace, n_classes: int, seed: int, evaluator: EvaluationPlugin):
     name, rebasin_kwargs = parse_strategy(token)
-    torch.manual_seed(seed)
+    RNGManager.set_random_seeds(seed)  # torch, NumPy and Python's random (A-GEM samples its memory with it)
     model = make_model(args, n_classes)
     common = dict(
         criterion=nn.CrossEntropyLoss(),
