@@ -67,6 +67,7 @@ from avalanche.training import AGEM, EWC, JointTraining, LwF, Naive  # noqa: E40
 from avalanche.training.determinism.rng_manager import RNGManager  # noqa: E402
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin  # noqa: E402
 from avalanche.training.storage_policy import ExperienceBalancedBuffer  # noqa: E402
+from streams import rotated_fashion_mnist  # noqa: E402 - imports Avalanche
 
 from avalanche_rebasin.strategy import PRESETS, RebasinConfig, RebasinStrategy  # noqa: E402
 
@@ -163,6 +164,9 @@ def make_benchmark(args: argparse.Namespace, seed: int):
         return RotatedMNIST(n, seed=seed, rotations_list=rotations, dataset_root=mnist_root(args)), 10
     if args.benchmark == "permuted-mnist":
         return PermutedMNIST(n, seed=seed, dataset_root=mnist_root(args)), 10
+    if args.benchmark == "rotated-fashion-mnist":
+        rotations = [float(r) for r in np.linspace(0, 180, n)]
+        return rotated_fashion_mnist(rotations, fashion_root(args), seed), 10
     if args.benchmark == "split-fashion-mnist":
         classes = list(range(10))
         root = fashion_root(args)
@@ -601,7 +605,14 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--benchmark",
-        choices=["rotated-mnist", "permuted-mnist", "split-mnist", "split-fashion-mnist", "split-cifar100"],
+        choices=[
+            "rotated-mnist",
+            "permuted-mnist",
+            "split-mnist",
+            "rotated-fashion-mnist",
+            "split-fashion-mnist",
+            "split-cifar100",
+        ],
         default="rotated-mnist",
     )
     p.add_argument(
@@ -681,7 +692,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(
             f"--experiences {args.experiences}: {args.benchmark} needs a divisor of 10, one of [1, 2, 5, 10]"
         )
-    if args.benchmark == "split-fashion-mnist" and not args.merge:
+    if args.benchmark in ("rotated-fashion-mnist", "split-fashion-mnist") and not args.merge:
         problem = fashion_problem(fashion_root(args))
         if problem:
             p.error(problem)
@@ -766,7 +777,12 @@ def main(argv: list[str] | None = None) -> None:
     p = make_parser()
     args = p.parse_args(argv)
     if args.experiences is None:
-        defaults = {"rotated-mnist": 20, "split-mnist": 5, "split-fashion-mnist": 5}
+        defaults = {
+            "rotated-mnist": 20,
+            "rotated-fashion-mnist": 20,
+            "split-mnist": 5,
+            "split-fashion-mnist": 5,
+        }
         args.experiences = 5 if args.quick else defaults.get(args.benchmark, 10)
     if args.quick:
         args.epochs = 1

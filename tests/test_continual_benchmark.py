@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -316,3 +317,32 @@ def test_every_random_number_generator_is_seeded_per_run():
         harness.build("agem", args, 10, 3, EvaluationPlugin(loggers=[]))
         draws.append((random.random(), float(np.random.rand())))
     assert draws[0] == draws[1]
+
+
+def test_rotated_fashion_mnist_rotates_every_class_per_experience(tmp_path):
+    _tiny_fashion_mnist(tmp_path / "data", per_class=4)
+    out = tmp_path / "out"
+    argv = ["--benchmark", "rotated-fashion-mnist", "--data-root", str(tmp_path / "data"), "--quick"]
+    harness.main(
+        [
+            *argv,
+            "--experiences",
+            "3",
+            "--strategies",
+            "naive",
+            "--out",
+            str(out),
+            "--cache",
+            str(tmp_path / "c"),
+        ]
+    )
+    runs = json.loads((out / "runs.json").read_text())["runs"]
+    assert len(runs[0]["history"]) == 3
+    args = harness.make_parser().parse_args(
+        ["--benchmark", "rotated-fashion-mnist", "--data-root", str(tmp_path / "data")]
+    )
+    args.experiences = 3
+    bench, _ = harness.make_benchmark(args, 0)
+    first = [bench.train_stream[k].dataset[0][0] for k in range(3)]  # one image under three angles
+    assert all(len(set(bench.train_stream[k].classes_in_this_experience)) == 10 for k in range(3))
+    assert not torch.equal(first[0], first[2])  # 0° and 180°
