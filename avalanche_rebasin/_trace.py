@@ -238,41 +238,25 @@ class ParameterAxes:
         self.claimed.add(name)
 
 
-class Tracer(ParameterAxes, TorchFunctionMode):
-    """Feeds every torch call of one forward pass to its rule."""
+class TensorStates:
+    """What each tensor seen in the trace carries: a :class:`Feature`, a :class:`ParamRef`
+    or a :class:`Stacked`. Mixed into :class:`Tracer` (it provides ``vars``, ``tensor_names``
+    and ``_states``)."""
 
-    def __init__(self, names: dict[int, str], shapes: dict[str, torch.Size], policy: UnsupportedPolicy):
-        super().__init__()
-        if policy not in ("raise", "freeze"):
-            raise ValueError(f"unsupported must be 'raise' or 'freeze', got {policy!r}.")
-        self.policy = policy
-        self.vars = Variables()
-        self.tensor_names = names
-        self.shapes = shapes
-        self._states: dict[int, tuple[Tensor, Feature | ParamRef | Stacked | None]] = {}
-        self.assignments: dict[tuple[str, int], list[tuple[Part, ...]]] = {}
-        self.module_stack: list[str] = []
-        self.module_types: dict[str, str] = {}
-        self.claimed: set[str] = set()  # parameters the current rule assigned or pinned
+    vars: Variables
+    tensor_names: dict[int, str]
+    _states: dict[int, tuple[Tensor, Feature | ParamRef | Stacked | None]]
 
-    # -- variables --------------------------------------------------------------------
     def find(self, var: int) -> int:
         return self.vars.find(var)
 
     def union(self, a: int, b: int) -> int:
         return self.vars.union(a, b)
 
-    def new_var(self, name: str, size: int) -> int:
-        return self.vars.new(name, size)
-
-    def is_composite(self, var: int) -> bool:
-        return self.vars.definition(var) is not None
-
     def fix(self, feature: Feature | None) -> None:
         if feature is not None:
             self.union(feature.var, FIXED)
 
-    # -- tensors ------------------------------------------------------------------------
     def _entry(self, tensor: Any) -> Feature | ParamRef | Stacked | None:
         if not isinstance(tensor, Tensor):
             return None
@@ -307,6 +291,31 @@ class Tracer(ParameterAxes, TorchFunctionMode):
 
     def set_state(self, tensor: Tensor, state: Feature | ParamRef | Stacked | None) -> None:
         self._states[id(tensor)] = (tensor, state)
+
+
+class Tracer(TensorStates, ParameterAxes, TorchFunctionMode):
+    """Feeds every torch call of one forward pass to its rule."""
+
+    def __init__(self, names: dict[int, str], shapes: dict[str, torch.Size], policy: UnsupportedPolicy):
+        super().__init__()
+        if policy not in ("raise", "freeze"):
+            raise ValueError(f"unsupported must be 'raise' or 'freeze', got {policy!r}.")
+        self.policy = policy
+        self.vars = Variables()
+        self.tensor_names = names
+        self.shapes = shapes
+        self._states: dict[int, tuple[Tensor, Feature | ParamRef | Stacked | None]] = {}
+        self.assignments: dict[tuple[str, int], list[tuple[Part, ...]]] = {}
+        self.module_stack: list[str] = []
+        self.module_types: dict[str, str] = {}
+        self.claimed: set[str] = set()  # parameters the current rule assigned or pinned
+
+    # -- variables --------------------------------------------------------------------
+    def new_var(self, name: str, size: int) -> int:
+        return self.vars.new(name, size)
+
+    def is_composite(self, var: int) -> bool:
+        return self.vars.definition(var) is not None
 
     @property
     def module_path(self) -> str:

@@ -267,6 +267,7 @@ def align(
     if not (tau > 0):
         raise ValueError(f"tau must be > 0, got {tau!r}.")
     solver = sinkhorn if sinkhorn is not None else Sinkhorn(tau, n_iter, backward=sinkhorn_backward)
+    convergence = Convergence(patience, rtol)  # validates them before any work
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps!r}.")
     spec = resolve_spec(model_a, spec, example_input)
@@ -288,7 +289,7 @@ def align(
         spec, _initial_logits(spec, init, theta_a, theta_b, keys, generator, ref.device, ref.dtype)
     )
     b_subset = theta_b if needs_data else {k: theta_b[k] for k in keys}
-    loop = _Loop(logits, torch.optim.Adam(logits.parameters(), lr=lr), Convergence(patience, rtol))
+    loop = _Loop(logits, torch.optim.Adam(logits.parameters(), lr=lr), convergence)
     start = time.perf_counter()
     plans, reason = loop.run(
         lambda plans, batch: cost_fn(theta_a, soft_permute_state(b_subset, spec, plans), batch),
@@ -299,18 +300,25 @@ def align(
         callback,
         progress,
     )
-    history = loop.convergence.costs
-    perms = logits.hard()
+    return _result(loop, plans, reason, model_b, solver, time.perf_counter() - start)
+
+
+def _result(
+    loop: _Loop, plans: dict[str, Tensor], reason: str, model_b: nn.Module, solver: Sinkhorn, seconds: float
+):
+    """The :class:`AlignResult` of a finished optimisation."""
+    perms, history = loop.logits.hard(), loop.convergence.costs
+    error = max((marginal_error(p) for p in plans.values()), default=0.0)
     return AlignResult(
         permutations=perms,
-        model=permute(model_b, spec, perms),
-        spec=spec,
-        logits=logits.as_dict(),
+        model=permute(model_b, loop.logits.spec, perms),
+        spec=loop.logits.spec,
+        logits=loop.logits.as_dict(),
         history=history,
         steps=len(history),
-        seconds=time.perf_counter() - start,
-        marginal_error=(error := max((marginal_error(p) for p in plans.values()), default=0.0)),
-        sinkhorn_converged=error <= (solver.threshold or 1e-3),
+        seconds=seconds,
+        marginal_error=error,
+        sinkhorn_converged=solver.converged(error),
         data_exhausted=reason == "data_exhausted",
         stop_reason=reason,
     )

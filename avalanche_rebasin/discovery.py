@@ -239,4 +239,3 @@ def _from_model(
 
 
 PermutationSpec.from_model = classmethod(_from_model)  # the data class stays free of discovery
-_ = (Feature, OpCall)

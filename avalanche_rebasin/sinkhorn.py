@@ -65,8 +65,9 @@ def _check_inputs(logits: Tensor, tau: float, n_iter: int) -> None:
         )
 
 
-def _work_dtype(logits: Tensor, tau: float) -> torch.dtype:
-    """The dtype Sinkhorn runs in: float32 for half/bfloat16, float64 if ``logits / τ`` would overflow.
+def _work_dtype(logits: Tensor, tau: float) -> tuple[torch.dtype, float]:
+    """The dtype Sinkhorn runs in (float32 for half/bfloat16, float64 if ``logits / τ`` would
+    overflow) and ``max |X/τ|`` (one host sync, reused to choose matrix scaling).
 
     The log-domain iteration forms differences ``X_ij/τ − logsumexp``, so it needs
     ``max |X/τ|`` well below the dtype's largest value; raises ``ValueError`` otherwise.
@@ -76,7 +77,7 @@ def _work_dtype(logits: Tensor, tau: float) -> torch.dtype:
     scaled = peak / tau  # a Python float: inf rather than an error on overflow
     for candidate in (dtype, torch.float64):
         if scaled <= torch.finfo(candidate).max / 8:
-            return candidate
+            return candidate, scaled
     raise ValueError(
         f"Sinkhorn: logits / tau overflows even in float64 (max |logits| = {peak:.3g}, tau = {tau:.3g}); "
         "use a larger tau or rescale the logits (e.g. logits / logits.abs().max())."
@@ -104,16 +105,21 @@ def _log_sinkhorn(log_s: Tensor, n_iter: int, threshold: float | None = None) ->
 _EXP_RANGE = {torch.float32: 60.0, torch.float64: 600.0}  # e^range: far from overflow
 
 
-def _scaling_sinkhorn(scaled: Tensor, n_iter: int, threshold: float | None = None) -> Tensor | None:
+def _scaling_sinkhorn(
+    scaled: Tensor, n_iter: int, threshold: float | None = None, peak: float | None = None
+) -> Tensor | None:
     """The same iterates as :func:`_log_sinkhorn`, as matrix scaling: ``P = diag(u) K diag(v)``
     with ``K = exp(X/τ − max)``, ``u = 1 / (K v)``, ``v = 1 / (Kᵀ u)``. Matrix-vector
     products instead of a logsumexp over the matrix per half-iteration; used when the
-    range of ``X/τ`` keeps ``u`` and ``v`` finite, else None (the log domain is used)."""
+    range of ``X/τ`` keeps ``u`` and ``v`` finite, else None (the log domain is used).
+    A known ``peak = max |X/τ|`` bounds the range by ``2·peak`` without another reduction."""
     limit = _EXP_RANGE.get(scaled.dtype)
     if limit is None or scaled.numel() == 0:
         return None
     top = scaled.amax(dim=(-2, -1), keepdim=True)
-    if float((top - scaled.amin(dim=(-2, -1), keepdim=True)).max()) > limit:
+    if peak is None:
+        peak = float((top - scaled.amin(dim=(-2, -1), keepdim=True)).max()) / 2
+    if 2 * peak > limit:
         return None
     kernel = torch.exp(scaled - top)
     v = torch.ones(scaled.shape[:-1], dtype=scaled.dtype, device=scaled.device)
@@ -225,10 +231,11 @@ class _ImplicitSinkhorn(torch.autograd.Function):
         cg_tol: float,
         work_dtype: torch.dtype,
         threshold: float | None,
+        peak: float,
     ) -> Tensor:
         with torch.no_grad():
             scaled = logits.to(work_dtype) / tau
-            plan = _scaling_sinkhorn(scaled, n_iter, threshold)
+            plan = _scaling_sinkhorn(scaled, n_iter, threshold, peak)
             if plan is None:
                 plan = _log_sinkhorn(scaled, n_iter, threshold).exp()
         ctx.save_for_backward(plan)  # kept in the work dtype: the solve below runs in it
@@ -239,7 +246,7 @@ class _ImplicitSinkhorn(torch.autograd.Function):
     def backward(ctx, grad_plan: Tensor):
         (plan,) = ctx.saved_tensors
         tau, solver, ridge, cg_max_iter, cg_tol = ctx.settings
-        out_dtype, none = grad_plan.dtype, (None,) * 8
+        out_dtype, none = grad_plan.dtype, (None,) * 9
         if plan.shape[-1] == 1:  # the only 1×1 plan is [[1]], whatever the logits
             return torch.zeros_like(grad_plan), *none
         g_hat = grad_plan.to(plan.dtype) * plan  # a new tensor: the incoming gradient is never written
@@ -285,7 +292,7 @@ def sinkhorn(
     ``X / τ`` overflowing even float64.
     """
     _check_inputs(logits, tau, n_iter)
-    work_dtype = _work_dtype(logits, float(tau))
+    work_dtype, peak = _work_dtype(logits, float(tau))
     if backward == "unrolled":
         return _log_sinkhorn(logits.to(work_dtype) / tau, int(n_iter), threshold).exp().to(logits.dtype)
     if backward != "implicit":
@@ -305,6 +312,7 @@ def sinkhorn(
         float(cg_tol),
         work_dtype,
         threshold,
+        peak,
     )
 
 
@@ -361,10 +369,14 @@ class Sinkhorn:
             threshold=self.threshold,
         )
 
+    def converged(self, error: float) -> bool:
+        """Whether a marginal error is within ``threshold`` (1e-3 when none is set)."""
+        return error <= (self.threshold or 1e-3)
+
     def solve(self, logits: Tensor) -> SinkhornOutput:
         plan = self(logits)
         error = marginal_error(plan)
-        return SinkhornOutput(plan, error, error <= (self.threshold or 1e-3))
+        return SinkhornOutput(plan, error, self.converged(error))
 
 
 def marginal_error(plan: Tensor) -> float:

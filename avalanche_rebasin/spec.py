@@ -158,16 +158,7 @@ class PermutationSpec:
             if len(entries) != len(shape):
                 raise ValueError(f"Tensor '{tensor}' has {len(shape)} axes, the spec expects {len(entries)}.")
             for axis, entry in enumerate(entries):
-                for part in axis_parts(entry):
-                    expected = part.outer * self.group_sizes[part.group] * part.inner
-                    whole = not isinstance(entry, tuple)  # a single part spans the whole axis
-                    if (whole and expected != shape[axis]) or part.offset + expected > shape[axis]:
-                        raise ValueError(
-                            f"Tensor '{tensor}' axis {axis} has length {shape[axis]}, but group "
-                            f"'{part.group}' needs {expected}"
-                            + (f" from offset {part.offset}" if part.offset else "")
-                            + "; the spec belongs to another architecture."
-                        )
+                _check_axis(tensor, axis, entry, shape[axis], self.group_sizes)
 
     def summary(self) -> str:
         """One line per group: its size and the tensor axes it permutes."""
@@ -198,6 +189,20 @@ def _members(
                     GroupMember(tensor, axis, part.inner, part.outer, part.offset, position)
                 )
     return members
+
+
+def _check_axis(tensor: str, axis: int, entry: AxisEntry, length: int, sizes: Mapping[str, int]) -> None:
+    """Every part of ``entry`` fits an axis of ``length`` (a single part spans all of it)."""
+    for part in axis_parts(entry):
+        expected = part.outer * sizes[part.group] * part.inner
+        whole = not isinstance(entry, tuple)
+        if (whole and expected != length) or part.offset + expected > length:
+            raise ValueError(
+                f"Tensor '{tensor}' axis {axis} has length {length}, but group '{part.group}' needs "
+                f"{expected}"
+                + (f" from offset {part.offset}" if part.offset else "")
+                + "; the spec belongs to another architecture."
+            )
 
 
 def _describe(m: GroupMember) -> str:
