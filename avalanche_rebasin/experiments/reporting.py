@@ -1,0 +1,226 @@
+"""Tables, CSV and plots from the harness's run records (mean ± std over seeds)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["plot", "summarize", "write_metrics_csv", "write_outputs"]
+
+Record = dict[str, Any]
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p")
+
+
+def _names(records: list[Record], order: list[str]) -> list[str]:
+    """Strategies in ``order`` first, then any other recorded ones (runs kept from earlier calls)."""
+    seen = [r["strategy"] for r in records]
+    return [n for n in order if n in seen] + sorted(set(seen) - set(order), key=seen.index)
+
+
+def _cell(values: list[float], fmt: str) -> str:
+    """Mean ± sample std over seeds; one seed prints its value alone (no fake spread)."""
+    if len(values) == 1:
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
+
+
+def summarize(records: list[Record], order: list[str], threads: int | None = None) -> str:
+    lines = [
+        "| strategy | accuracy % | forgetting | train s / exp | units moved / exp | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in _names(records, order):
+        runs = [r for r in records if r["strategy"] == name]
+        reports = [rep for r in runs for rep in r.get("rebasin_reports", [])]
+        moved = "—"
+        if reports:
+            moved = (
+                f"{statistics.mean(rep['units_moved'] for rep in reports):.1f} / {reports[0]['units_total']}"
+            )
+        acc = _cell([100 * r["final_acc"] for r in runs], ".2f")
+        fgt = _cell([r["final_forgetting"] for r in runs], ".3f")
+        sec = _cell([r["train_seconds_per_exp"] for r in runs], ".2f")
+        lines.append(f"| {name} | {acc} | {fgt} | {sec} | {moved} | {len(runs)} |")
+    seeds = sorted({r["seed"] for r in records})
+    note = f"\nSeeds {seeds}; accuracy and forgetting after the last experience, on the whole test stream."
+    if threads is not None:
+        note += (
+            f" Train time: wall clock of `strategy.train` with {threads} compute thread(s); "
+            "machine load not controlled."
+        )
+    return "\n".join(lines) + "\n" + note
+
+
+def write_metrics_csv(records: list[Record], path: Path) -> None:
+    header = ["strategy", "seed", "after_experience", "stream_accuracy", "stream_forgetting"]
+    header += ["test_experience", "experience_accuracy"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in records:
+            for row in r["history"]:
+                for e, a in row["per_exp"].items():
+                    w.writerow([r["strategy"], r["seed"], row["after"], row["acc"], row["forgetting"], e, a])
+
+
+def write_outputs(
+    records: list[Record], args_json: dict[str, Any], order: list[str], out: Path, title: str
+) -> None:
+    """Write every output into a temporary sibling folder, then move each file into ``out``
+    (``runs.json`` last): an error while writing leaves ``out`` as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "runs.json").write_text(json.dumps({"args": args_json, "runs": records}, indent=1))
+        write_metrics_csv(records, tmp / "metrics.csv")
+        threads = next((r.get("provenance", {}).get("threads") for r in reversed(records)), None)
+        (tmp / "summary.md").write_text(summarize(records, order, threads) + "\n")
+        plot(records, order, tmp, title)
+        out.mkdir(exist_ok=True)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "runs.json"):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _style(i: int, n: int) -> dict[str, Any]:
+    """A distinct colour and marker for strategy ``i`` of ``n`` (any ``n``)."""
+    import matplotlib.pyplot as plt
+
+    colour = plt.cm.tab10(i % 10) if n <= 10 else plt.cm.turbo(0.05 + 0.9 * i / max(n - 1, 1))
+    return {"color": colour, "marker": MARKERS[i % len(MARKERS)]}
+
+
+def _is_joint(runs: list[Record]) -> bool:
+    return all(len(r["history"]) == 1 for r in runs)
+
+
+def plot(records: list[Record], order: list[str], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    names = _names(records, order)
+    by_name = {n: [r for r in records if r["strategy"] == n] for n in names}
+    _plot_curve(by_name, out, title)
+    _plot_matrices({n: runs for n, runs in by_name.items() if not _is_joint(runs)}, out, title)
+    _plot_tradeoff(by_name, out, title)
+
+
+def _plot_curve(by_name: dict[str, list[Record]], out: Path, title: str) -> None:
+    """Stream accuracy after each experience, mean over seeds with a ±std band; Joint as a line."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    n_exp = 1
+    for i, (name, runs) in enumerate(by_name.items()):
+        style = _style(i, len(by_name))
+        acc = np.array([[100 * row["acc"] for row in r["history"]] for r in runs])
+        if _is_joint(runs):
+            ax.axhline(acc.mean(), color="black", linestyle="--", linewidth=1, label=f"{name} (reference)")
+            continue
+        x = np.arange(1, acc.shape[1] + 1)
+        n_exp = max(n_exp, acc.shape[1])
+        ax.plot(x, acc.mean(0), label=name, markersize=4, linewidth=1.2, **style)
+        if len(runs) > 1:
+            ax.fill_between(
+                x,
+                acc.mean(0) - acc.std(0, ddof=1),
+                acc.mean(0) + acc.std(0, ddof=1),
+                color=style["color"],
+                alpha=0.12,
+            )
+    ax.set_xticks(range(1, n_exp + 1, max(1, math.ceil(n_exp / 20))))
+    ax.set_xlim(0.5, n_exp + 0.5)
+    ax.set_xlabel("experiences trained")
+    ax.set_ylabel("accuracy % on the whole test stream")
+    seeds = sorted({r["seed"] for runs in by_name.values() for r in runs})
+    ax.set_title(f"{title}: accuracy as training proceeds (mean over seeds {seeds})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_curve.png", dpi=130)
+    plt.close(fig)
+
+
+def _plot_matrices(by_name: dict[str, list[Record]], out: Path, title: str) -> None:
+    """Accuracy on test experience j after training experience i, mean over seeds, one panel per
+    strategy in a grid, a shared colourbar and the values printed where they stay legible."""
+    import matplotlib.pyplot as plt
+
+    if not by_name:
+        return
+    cols = min(4, len(by_name))
+    rows = math.ceil(len(by_name) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 0.8, 3.2 * rows), squeeze=False)
+    image = None
+    for ax, (name, runs) in zip(axes.flat, by_name.items()):
+        matrix = np.nanmean([_matrix(r) for r in runs], axis=0) * 100
+        n_train, n_test = matrix.shape
+        image = ax.imshow(matrix, vmin=0, vmax=100, cmap="viridis")
+        if n_train * n_test <= 100:
+            for (i, j), v in np.ndenumerate(matrix):
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if v < 60 else "black",
+                )
+        step = max(1, math.ceil(n_test / 10))
+        ax.set_xticks(range(0, n_test, step), [str(k + 1) for k in range(0, n_test, step)], fontsize=7)
+        ax.set_yticks(range(0, n_train, step), [str(k + 1) for k in range(0, n_train, step)], fontsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("test experience", fontsize=8)
+        ax.set_ylabel("after training experience", fontsize=8)
+    for ax in list(axes.flat)[len(by_name) :]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy %")
+    seeds = sorted({r["seed"] for runs in by_name.values() for r in runs})
+    fig.suptitle(f"{title}: accuracy matrix (mean over seeds {seeds})", fontsize=11)
+    fig.savefig(out / "accuracy_matrix.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _matrix(run: Record) -> np.ndarray:
+    history = run["history"]
+    matrix = np.full((len(history), len(history[-1]["per_exp"])), np.nan)
+    for i, row in enumerate(history):
+        for e, a in row["per_exp"].items():
+            matrix[i, int(e)] = a
+    return matrix
+
+
+def _plot_tradeoff(by_name: dict[str, list[Record]], out: Path, title: str) -> None:
+    """Final accuracy against final forgetting, mean ± std over seeds, one point per strategy."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for i, (name, runs) in enumerate(by_name.items()):
+        acc = [100 * r["final_acc"] for r in runs]
+        fgt = [r["final_forgetting"] for r in runs]
+        spread = len(runs) > 1
+        ax.errorbar(
+            statistics.mean(fgt), statistics.mean(acc),
+            xerr=statistics.stdev(fgt) if spread else None, yerr=statistics.stdev(acc) if spread else None,
+            linestyle="none", markersize=8, capsize=3, label=name, **_style(i, len(by_name)),
+        )  # fmt: skip
+    ax.set_xlabel("forgetting after the last experience (lower is better)")
+    ax.set_ylabel("final accuracy % on the whole test stream (higher is better)")
+    seeds = sorted({r["seed"] for runs in by_name.values() for r in runs})
+    ax.set_title(f"{title}: accuracy vs forgetting (mean ± std over seeds {seeds})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5), markerscale=0.9)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_forgetting.png", dpi=130)
+    plt.close(fig)
