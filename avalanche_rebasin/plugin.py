@@ -15,6 +15,7 @@ trained (its last periodic evaluation); ``eval()`` after ``train()`` sees ``θ_{
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -278,7 +279,25 @@ def _point_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> tuple:
     scheduler.base_lrs = [group["lr"] for group in optimizer.param_groups]
     scheduler.last_epoch = 0
     scheduler._last_lr = list(scheduler.base_lrs)
+    _track_step_called(optimizer)
     return saved
+
+
+def _track_step_called(optimizer: torch.optim.Optimizer) -> None:
+    """What torch's LR scheduler does to the optimiser it is built on: mark ``_opt_called``
+    when ``step`` runs, so its order check ("lr_scheduler.step() before optimizer.step()")
+    sees the steps of the re-basin optimiser it was pointed at instead of warning."""
+    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+        return
+    step = optimizer.step
+
+    @functools.wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        optimizer._opt_called = True  # type: ignore[attr-defined]
+        return step(*args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    optimizer.step = wrapper  # type: ignore[method-assign]
 
 
 def _forward_batch(strategy: Any):

@@ -26,6 +26,35 @@ from .spec import PermutationSpec
 __all__ = ["PRESETS", "ExperienceReport", "RebasinConfig", "RebasinPlugin", "RebasinStrategy"]
 
 
+def check_template_arguments(kwargs: dict[str, Any]) -> None:
+    """Refuse, at construction, template arguments Avalanche would only trip over later (an
+    ``evaluator=...`` placeholder crashed after the first experience)."""
+    from avalanche.training.plugins import EvaluationPlugin
+
+    evaluator = kwargs.get("evaluator")
+    if evaluator is not None and not isinstance(evaluator, EvaluationPlugin) and not callable(evaluator):
+        raise ValueError(
+            f"RebasinStrategy: evaluator must be an avalanche EvaluationPlugin, a callable returning one, "
+            f"or None, got {evaluator!r}."
+        )
+    for name in ("train_mb_size", "eval_mb_size"):
+        value = kwargs.get(name, 1)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"RebasinStrategy: {name} must be an integer >= 1, got {value!r}.")
+    criterion = kwargs.get("criterion")
+    if criterion is not None and not callable(criterion):
+        raise ValueError(
+            f"RebasinStrategy: criterion must be callable (e.g. nn.CrossEntropyLoss()), got {criterion!r}."
+        )
+    if "device" in kwargs and kwargs["device"] is not None:
+        try:
+            torch.device(kwargs["device"])
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(
+                f"RebasinStrategy: device {kwargs['device']!r} is not a torch device ({err})."
+            ) from None
+
+
 class RebasinStrategy(SupervisedTemplate):
     """Incremental learning by re-basin (Guerrero Peña et al., CVPR 2023).
 
@@ -61,6 +90,7 @@ class RebasinStrategy(SupervisedTemplate):
         epochs = kwargs.get("train_epochs", 1)
         if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1):
             raise ValueError(f"RebasinStrategy: train_epochs must be an integer >= 1, got {epochs!r}.")
+        check_template_arguments(kwargs)
         self.rebasin = RebasinPlugin(config, spec=spec, **settings)
         check_plugins(plugins or [], owner="RebasinStrategy")
         super().__init__(model=model, optimizer=optimizer, plugins=[self.rebasin, *(plugins or [])], **kwargs)

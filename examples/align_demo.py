@@ -1,6 +1,6 @@
 """Re-basin in one minute: recover a hidden permutation, then align two trained MLPs.
 
-Run: python examples/align_demo.py   (CPU, offline, ~30 s)
+Run: python examples/align_demo.py   (CPU, offline; 10 s on an idle 2-core machine, one thread)
 
 1. θ_B = π(θ_A) for a random π: Sinkhorn with C_L2 recovers π exactly.
 2. Two MLPs trained from different seeds on the same synthetic task: the loss barrier
@@ -57,7 +57,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch compute threads (1: robust under load)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    total = time.perf_counter()
     g = torch.Generator().manual_seed(args.seed)
     x_train, y_train = make_task(8000, g)
     x_test, y_test = make_task(2000, g)
@@ -65,7 +68,10 @@ def main() -> None:
     print("1) Recovering a known permutation of a 2-hidden-layer MLP (Sinkhorn + C_L2)")
     model = make_mlp()
     spec = PermutationSpec.from_model(model, x_train[:2])
-    print("   discovered groups:", dict(spec.group_sizes))
+    print("   Permutation groups found by tracing the model (a group = hidden units that must be")
+    print("   reordered together; each line lists the tensor axes one permutation acts on):")
+    for line in spec.summary().splitlines():
+        print("     ", line)
     truth = random_permutation(spec, g)
     start = time.perf_counter()
     # from the identity, so that Sinkhorn does the work (align starts from weight matching by default)
@@ -107,6 +113,8 @@ def main() -> None:
         ),
     }
     print(f"   endpoint test accuracy: A {accuracy(model_a):.3f}, B {accuracy(model_b):.3f}")
+    print("   Loss barrier: the worst rise of the test loss on the straight line from A to (aligned) B")
+    print("   above the line joining the endpoint losses; 0: A and B sit in one basin (lower is better).")
     print(f"   {'method':<22} {'loss barrier':>12} {'loss AUC':>9} {'acc barrier':>11} {'time s':>7}")
     for name, make in candidates.items():
         start = time.perf_counter()
@@ -118,6 +126,10 @@ def main() -> None:
             f"   {name:<22} {loss_curve.barrier:12.4f} {loss_curve.auc:9.4f} "
             f"{acc_curve.barrier:11.4f} {seconds:7.1f}"
         )
+    print("   C_Mid wins because it minimises the loss of the midpoint network (A + π(B))/2 on training")
+    print("   batches, which is what the barrier measures; weight matching and C_L2 only make the")
+    print("   weights similar. Permuting B never changes B's function: only the path between them moves.")
+    print(f"total {time.perf_counter() - total:.1f} s with {torch.get_num_threads()} thread(s)")
 
 
 if __name__ == "__main__":

@@ -43,12 +43,12 @@ def _evaluator():
     )
 
 
-def _strategy(model, preset: str | None = None, **kwargs) -> RebasinStrategy:
+def _strategy(model, preset: str | None = None, optimizer=None, **kwargs) -> RebasinStrategy:
     defaults = dict(
         train_mb_size=32, train_epochs=1, rebasin_epochs=1, eval_mb_size=64, evaluator=_evaluator(), seed=0
     )
     defaults.update(kwargs)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=1e-3)
     if preset is not None:
         return RebasinStrategy.from_preset(preset, model=model, optimizer=optimizer, **defaults)
     return RebasinStrategy(model=model, optimizer=optimizer, **defaults)

@@ -5,6 +5,7 @@ parameters, growing heads, typed settings and metrics (tiny in-memory benchmarks
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 
@@ -130,16 +131,17 @@ def _final_weights(plugins, steps: int = 2, **kwargs) -> torch.Tensor:
     torch.manual_seed(0)
     bench = _benchmark()
     model = _mlp()
-    strategy = _strategy(model, plugins=plugins, **kwargs)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    plugins = plugins(optimizer) if callable(plugins) else plugins  # a scheduler needs the optimiser
+    strategy = _strategy(model, plugins=plugins, optimizer=optimizer, **kwargs)
     for exp in bench.train_stream[:steps]:
         strategy.train(exp)
     return _weights(model)
 
 
 def _step_lr(gamma: float):
-    model = _mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    return P.LRSchedulerPlugin(torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=gamma))
+    """A StepLR plugin on the strategy's own optimiser (built by :func:`_final_weights`)."""
+    return lambda opt: [P.LRSchedulerPlugin(torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=gamma))]
 
 
 @pytest.mark.parametrize(
@@ -149,7 +151,7 @@ def _step_lr(gamma: float):
         (lambda: [P.LwFPlugin(alpha=0.0)], lambda: [P.LwFPlugin(alpha=100.0)], {}),
         (lambda: [], lambda: [P.GEMPlugin(patterns_per_experience=40, memory_strength=0.5)], {}),
         (lambda: [], lambda: [P.AGEMPlugin(patterns_per_experience=40, sample_size=40)], {}),
-        (lambda: [_step_lr(1.0)], lambda: [_step_lr(0.01)], {"rebasin_epochs": 3}),
+        (lambda: _step_lr(1.0), lambda: _step_lr(0.01), {"rebasin_epochs": 3}),
     ],
     ids=["Replay", "LwF", "GEM", "A-GEM", "LRScheduler"],
 )
@@ -326,6 +328,22 @@ def test_settings_of_the_wrong_type_are_rejected_with_their_name(kwargs):
         _strategy(_mlp(), **kwargs)
     with pytest.raises(ValueError, match=name):
         RebasinPlugin(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"evaluator": ...}, "evaluator must be an avalanche EvaluationPlugin"),
+        ({"train_mb_size": 0}, "train_mb_size must be an integer >= 1, got 0"),
+        ({"eval_mb_size": 64.0}, "eval_mb_size must be an integer >= 1, got 64.0"),
+        ({"criterion": "cross-entropy"}, "criterion must be callable"),
+        ({"device": "nonsense"}, "device 'nonsense' is not a torch device"),
+    ],
+)
+def test_template_arguments_avalanche_would_trip_over_later_are_refused_at_construction(kwargs, message):
+    """`evaluator=...` was accepted and crashed after the first experience (issue 13)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _strategy(_mlp(), **kwargs)
 
 
 def test_rebasin_epochs_default_to_train_epochs_and_the_paper_preset_keeps_five():
