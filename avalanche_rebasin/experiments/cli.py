@@ -193,6 +193,7 @@ def settings_of(p: argparse.ArgumentParser, path: Path, what: str) -> tuple[dict
     except (OSError, ValueError, KeyError, TypeError) as err:
         p.error(f"{what}: cannot read {path} ({err}); {path.parent} is not a results folder of this program")
     defaults = {k: str(p.get_default(k)) for k in SETTINGS}  # files older than a setting
+    defaults["model"] = "slimresnet18" if recorded.get("benchmark") == "split-cifar100" else "mlp1"
     return {k: str(recorded.get(k, defaults[k])) for k in SETTINGS}, runs
 
 
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         print(summarize(previous, args.strategies))
         return
     records = sweep.run_all(args, previous)
-    print("\n" + summarize(records, args.strategies, args.threads), f"\n\nwritten to {args.out}/", sep="")
+    print("\n" + summarize(records, args.strategies), f"\n\nwritten to {args.out}/", sep="")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def _cell(values: list[float], fmt: str) -> str:
     return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
 
-def summarize(records: list[Record], order: list[str], threads: int | None = None) -> str:
+def summarize(records: list[Record], order: list[str]) -> str:
     lines = [
         "| strategy | accuracy % | forgetting | train s / exp | units moved / exp | seeds |",
         "|---|---|---|---|---|---|",
@@ -51,13 +51,16 @@ def summarize(records: list[Record], order: list[str], threads: int | None = Non
         sec = _cell([r["train_seconds_per_exp"] for r in runs], ".2f")
         lines.append(f"| {name} | {acc} | {fgt} | {sec} | {moved} | {len(runs)} |")
     seeds = sorted({r["seed"] for r in records})
-    note = f"\nSeeds {seeds}; accuracy and forgetting after the last experience, on the whole test stream."
-    if threads is not None:
-        note += (
-            f" Train time: wall clock of `strategy.train` with {threads} compute thread(s); "
-            "machine load not controlled."
-        )
-    return "\n".join(lines) + "\n" + note
+    threads = {r.get("provenance", {}).get("threads") for r in records}
+    timing = (
+        f"with {threads.pop()} compute thread(s)"
+        if len(threads) == 1 and None not in threads
+        else "thread count not recorded for every run"
+    )
+    return "\n".join(lines) + (
+        f"\n\nSeeds {seeds}; accuracy and forgetting after the last experience, on the whole test stream. "
+        f"Train time: wall clock of `strategy.train` ({timing}); machine load not controlled."
+    )
 
 
 def write_metrics_csv(records: list[Record], path: Path) -> None:
@@ -82,8 +85,7 @@ def write_outputs(
     try:
         (tmp / "runs.json").write_text(json.dumps({"args": args_json, "runs": records}, indent=1))
         write_metrics_csv(records, tmp / "metrics.csv")
-        threads = next((r.get("provenance", {}).get("threads") for r in reversed(records)), None)
-        (tmp / "summary.md").write_text(summarize(records, order, threads) + "\n")
+        (tmp / "summary.md").write_text(summarize(records, order) + "\n")
         plot(records, order, tmp, title)
         out.mkdir(exist_ok=True)
         for f in sorted(tmp.iterdir(), key=lambda f: f.name == "runs.json"):
@@ -98,6 +100,17 @@ def _style(i: int, n: int) -> dict[str, Any]:
 
     colour = plt.cm.tab10(i % 10) if n <= 10 else plt.cm.turbo(0.05 + 0.9 * i / max(n - 1, 1))
     return {"color": colour, "marker": MARKERS[i % len(MARKERS)]}
+
+
+def _over_seeds(by_name: dict[str, list[Record]], spread: str = "mean") -> str:
+    seeds = sorted({r["seed"] for runs in by_name.values() for r in runs})
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"{spread} over seeds {seeds}"
+
+
+def _figsize(names: list[str]) -> tuple[float, float]:
+    """Room for the plot plus a legend of ``names`` beside it (long tokens, many strategies)."""
+    longest = max((len(n) for n in names), default=10)
+    return 6.5 + 0.075 * longest, max(5.0, 0.3 * len(names) + 1.0)
 
 
 def _is_joint(runs: list[Record]) -> bool:
@@ -119,7 +132,7 @@ def _plot_curve(by_name: dict[str, list[Record]], out: Path, title: str) -> None
     """Stream accuracy after each experience, mean over seeds with a ±std band; Joint as a line."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=_figsize(list(by_name)))
     n_exp = 1
     for i, (name, runs) in enumerate(by_name.items()):
         style = _style(i, len(by_name))
@@ -142,12 +155,12 @@ def _plot_curve(by_name: dict[str, list[Record]], out: Path, title: str) -> None
     ax.set_xlim(0.5, n_exp + 0.5)
     ax.set_xlabel("experiences trained")
     ax.set_ylabel("accuracy % on the whole test stream")
-    seeds = sorted({r["seed"] for runs in by_name.values() for r in runs})
-    ax.set_title(f"{title}: accuracy as training proceeds (mean over seeds {seeds})", fontsize=10)
+    ax.set_title(
+        f"{title}: accuracy as training proceeds ({_over_seeds(by_name, 'mean ± std')})", fontsize=10
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_curve.png", dpi=130)
+    fig.savefig(out / "accuracy_curve.png", dpi=130, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -162,7 +175,7 @@ def _plot_matrices(by_name: dict[str, list[Record]], out: Path, title: str) -> N
     rows = math.ceil(len(by_name) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 0.8, 3.2 * rows), squeeze=False)
     image = None
-    for ax, (name, runs) in zip(axes.flat, by_name.items()):
+    for k, (ax, (name, runs)) in enumerate(zip(axes.flat, by_name.items())):
         matrix = np.nanmean([_matrix(r) for r in runs], axis=0) * 100
         n_train, n_test = matrix.shape
         image = ax.imshow(matrix, vmin=0, vmax=100, cmap="viridis")
@@ -181,13 +194,14 @@ def _plot_matrices(by_name: dict[str, list[Record]], out: Path, title: str) -> N
         ax.set_xticks(range(0, n_test, step), [str(k + 1) for k in range(0, n_test, step)], fontsize=7)
         ax.set_yticks(range(0, n_train, step), [str(k + 1) for k in range(0, n_train, step)], fontsize=7)
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("test experience", fontsize=8)
-        ax.set_ylabel("after training experience", fontsize=8)
+        if k % cols == 0:
+            ax.set_ylabel("after training experience", fontsize=8)
+        if k + cols >= len(by_name):  # the lowest panel of its column
+            ax.set_xlabel("test experience", fontsize=8)
     for ax in list(axes.flat)[len(by_name) :]:
         ax.axis("off")
     fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy %")
-    seeds = sorted({r["seed"] for runs in by_name.values() for r in runs})
-    fig.suptitle(f"{title}: accuracy matrix (mean over seeds {seeds})", fontsize=11)
+    fig.suptitle(f"{title}: accuracy matrix ({_over_seeds(by_name)})", fontsize=11)
     fig.savefig(out / "accuracy_matrix.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -205,7 +219,7 @@ def _plot_tradeoff(by_name: dict[str, list[Record]], out: Path, title: str) -> N
     """Final accuracy against final forgetting, mean ± std over seeds, one point per strategy."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=_figsize(list(by_name)))
     for i, (name, runs) in enumerate(by_name.items()):
         acc = [100 * r["final_acc"] for r in runs]
         fgt = [r["final_forgetting"] for r in runs]
@@ -217,10 +231,8 @@ def _plot_tradeoff(by_name: dict[str, list[Record]], out: Path, title: str) -> N
         )  # fmt: skip
     ax.set_xlabel("forgetting after the last experience (lower is better)")
     ax.set_ylabel("final accuracy % on the whole test stream (higher is better)")
-    seeds = sorted({r["seed"] for runs in by_name.values() for r in runs})
-    ax.set_title(f"{title}: accuracy vs forgetting (mean ± std over seeds {seeds})", fontsize=10)
+    ax.set_title(f"{title}: accuracy vs forgetting ({_over_seeds(by_name, 'mean ± std')})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5), markerscale=0.9)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_forgetting.png", dpi=130)
+    fig.savefig(out / "accuracy_vs_forgetting.png", dpi=130, bbox_inches="tight")
     plt.close(fig)
