@@ -126,8 +126,8 @@ def main() -> None:
             f"   {name:<22} {loss_curve.barrier:12.4f} {loss_curve.auc:9.4f} "
             f"{acc_curve.barrier:11.4f} {seconds:7.1f}"
         )
-    print("   C_Mid wins because it minimises the loss of the midpoint network (A + π(B))/2 on training")
-    print("   batches, which is what the barrier measures; weight matching and C_L2 only make the")
+    print("   C_Mid has the lowest loss barrier: it minimises the loss of the midpoint (A + π(B))/2 on")
+    print("   training batches, which is what the barrier measures; weight matching and C_L2 only make the")
     print("   weights similar. Permuting B never changes B's function: only the path between them moves.")
     print(f"total {time.perf_counter() - total:.1f} s with {torch.get_num_threads()} thread(s)")
 

@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
         default=Path(".cache/mnist-embedded"),
         help="where the embedded MNIST idx files are written once (default .cache/mnist-embedded)",
     )
+    parser.add_argument("--threads", type=int, default=1, help="torch compute threads (1: robust under load)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.experiences < 1 or args.epochs < 1:
         parser.error("--experiences and --epochs must be >= 1")
 

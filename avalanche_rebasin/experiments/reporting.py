@@ -98,7 +98,8 @@ def _style(i: int, n: int) -> dict[str, Any]:
     """A distinct colour and marker for strategy ``i`` of ``n`` (any ``n``)."""
     import matplotlib.pyplot as plt
 
-    colour = plt.cm.tab10(i % 10) if n <= 10 else plt.cm.turbo(0.05 + 0.9 * i / max(n - 1, 1))
+    palette = [plt.cm.tab10(k) for k in range(10)] + [plt.cm.Dark2(k) for k in range(8)]
+    colour = palette[i] if n <= len(palette) else plt.cm.turbo(0.05 + 0.9 * i / max(n - 1, 1))
     return {"color": colour, "marker": MARKERS[i % len(MARKERS)]}
 
 
