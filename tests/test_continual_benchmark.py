@@ -19,7 +19,7 @@ def test_quick_comparison_runs_offline_and_writes_results(tmp_path):
     """The demo's own command line, end to end in a subprocess, on a subset of its strategies
     (each default strategy is built from its token up front by the validation tests)."""
     out = tmp_path / "quick"
-    strategies = ["naive", "replay", "rebasin", "rebasin:midpoint", "joint"]
+    strategies = ["naive", "replay", "rebasin", "rebasin:midpoint", "interp+alignment=sinkhorn_mid", "joint"]
     cmd = [sys.executable, str(ROOT / "benchmarks" / "continual.py"), "--quick", "--experiences", "3"]
     cmd += ["--strategies", *strategies, "--out", str(out), "--cache", str(tmp_path / "cache")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -34,6 +34,8 @@ def test_quick_comparison_runs_offline_and_writes_results(tmp_path):
     assert {"mean_row_max", "units_moved", "acc_trained", "acc_committed"} <= set(
         rebasin["rebasin_reports"][0]
     )
+    interp = next(r for r in runs if r["strategy"].startswith("interp"))
+    assert [rep["experience"] for rep in interp["interpolation_reports"]] == [1, 2]
     summary = (out / "summary.md").read_text()
     assert "| rebasin |" in summary and "| naive |" in summary
     assert (out / "accuracy_curve.png").stat().st_size > 0 and (out / "accuracy_matrix.png").exists()

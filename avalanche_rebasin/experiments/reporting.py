@@ -17,6 +17,7 @@ import numpy as np
 __all__ = ["plot", "summarize", "write_metrics_csv", "write_outputs"]
 
 Record = dict[str, Any]
+REPORTS = ("rebasin_reports", "interpolation_reports")  # per-experience reports with units_moved
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p")
 
 
@@ -40,7 +41,7 @@ def summarize(records: list[Record], order: list[str]) -> str:
     ]
     for name in _names(records, order):
         runs = [r for r in records if r["strategy"] == name]
-        reports = [rep for r in runs for rep in r.get("rebasin_reports", [])]
+        reports = [rep for r in runs for key in REPORTS for rep in r.get(key, [])]
         moved = "—"
         if reports:
             moved = (

@@ -21,6 +21,7 @@ from avalanche.training import JointTraining
 from avalanche.training.plugins import EvaluationPlugin
 from tqdm.auto import tqdm
 
+from ..interpolation_plugin import InterpolationStrategy
 from ..strategy import RebasinStrategy
 from .benchmarks import BENCHMARKS
 from .strategies import build
@@ -157,4 +158,6 @@ def run_one(token: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     }
     if isinstance(strategy, RebasinStrategy):
         record["rebasin_reports"] = [asdict(r) for r in strategy.reports]
+    if isinstance(strategy, InterpolationStrategy):
+        record["interpolation_reports"] = [asdict(r) for r in strategy.interpolation.reports]
     return record

@@ -24,6 +24,7 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
 from ..continual_config import PRESETS, RebasinConfig
+from ..interpolation_plugin import InterpolationStrategy
 from ..strategy import RebasinStrategy
 from .benchmarks import BENCHMARKS
 
@@ -94,6 +95,7 @@ class StrategyEntry:
     settings: tuple[str, ...] = ()
     presets: bool = False  # NAME:PRESET picks one of avalanche_rebasin's PRESETS
     defaults: dict[str, Any] = field(default_factory=dict)
+    validates: bool = False  # the strategy checks its own settings (else: numbers, checked here)
 
 
 def _ewc_published(ctx: Context, kw: dict[str, Any]) -> SupervisedTemplate:
@@ -113,6 +115,18 @@ def _rebasin(name: str) -> Callable[[Context, dict[str, Any]], SupervisedTemplat
         )  # fmt: skip
 
     return build
+
+
+INTERPOLATION_SETTINGS = ("alpha", "alignment", "align_data", "align_samples", "align_steps", "bn_reestimate")
+INTERPOLATION_SETTINGS += ("mem_size",)
+
+
+def _interpolation(ctx: Context, kw: dict[str, Any]) -> SupervisedTemplate:
+    """Replay, then align the trained network to the previous weights and interpolate."""
+    replay = ctx.replay(kw.pop("mem_size", None))
+    return InterpolationStrategy(
+        model=ctx.model, optimizer=ctx.optimizer, plugins=[replay], seed=ctx.seed, **kw, **ctx.common
+    )
 
 
 def _rebasin_settings() -> tuple[str, ...]:
@@ -144,7 +158,11 @@ STRATEGIES: dict[str, StrategyEntry] = {
         ("patterns_per_exp", "sample_size"), defaults={"patterns_per_exp": None, "sample_size": 256},
     ),
     "joint": StrategyEntry(lambda c, kw: JointTraining(model=c.model, optimizer=c.optimizer, **c.common)),
-    **{name: StrategyEntry(_rebasin(name), _rebasin_settings(), presets=True) for name in REBASIN_FAMILY},
+    **{
+        name: StrategyEntry(_rebasin(name), _rebasin_settings(), presets=True, validates=True)
+        for name in REBASIN_FAMILY
+    },
+    "interp": StrategyEntry(_interpolation, INTERPOLATION_SETTINGS, validates=True),
 }  # fmt: skip
 
 
@@ -187,7 +205,7 @@ def parse_strategy(token: str) -> tuple[str, dict[str, Any]]:
             kwargs[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             kwargs[key] = value  # a bare string such as adam
-        if not entry.presets:  # RebasinStrategy validates its own settings
+        if not entry.validates or key == "mem_size":
             _check_number(token, key, kwargs[key])
     return name, kwargs
 

@@ -1,0 +1,120 @@
+"""Align, then interpolate (Kozal et al., "Continual Learning with Weight Interpolation", 2024).
+
+After training freely on a new experience, the trained weights θ_new are brought into the
+basin of the previous experience's weights θ_old by a permutation π of their units, and
+
+    θ = (1 − α)·θ_old + α·π(θ_new)
+
+is committed (α = 1: the trained network, as a function; α = 0: the previous weights). The
+alignments are this library's: none (the identity), weight matching, activation matching,
+or Sinkhorn with ``C_L2``, with the task loss at the commit point ``(1 − α)θ_old + απ(θ_new)``
+(``sinkhorn_mid``; the midpoint cost when α = ½) or at random points (``sinkhorn_rnd``).
+This module is torch only; the Avalanche plugin is :mod:`avalanche_rebasin.interpolation_plugin`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .align import align
+from .costs import functional_loss, interpolate_state
+from .matching import activation_matching, weight_matching
+from .permute import identity_permutation, permute_state, private_copy
+from .spec import PermutationSpec
+
+__all__ = ["ALIGNMENTS", "InterpolationReport", "alignment_permutations", "interpolated_state"]
+
+Alignment = Literal[
+    "none", "weight_matching", "activation_matching", "sinkhorn_l2", "sinkhorn_mid", "sinkhorn_rnd"
+]
+ALIGNMENTS: tuple[str, ...] = Alignment.__args__  # type: ignore[attr-defined]
+NEEDS_DATA = ("activation_matching", "sinkhorn_mid", "sinkhorn_rnd")
+
+
+@dataclass
+class InterpolationReport:
+    """What one commit did: the alignment, how many units it moved and what it cost."""
+
+    experience: int
+    alignment: str
+    alpha: float
+    units_moved: int
+    units_total: int
+    align_seconds: float
+    align_samples: int
+
+
+def alignment_permutations(
+    old: nn.Module,
+    new: nn.Module,
+    spec: PermutationSpec,
+    alignment: str,
+    *,
+    data: Sequence[Any] = (),
+    alpha: float = 0.5,
+    steps: int = 100,
+    seed: int = 0,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
+) -> dict[str, Tensor]:
+    """Permutations (group → index) that bring ``new`` into ``old``'s basin.
+
+    ``data`` holds ``(x, y)`` batches for the data-driven alignments; Sinkhorn starts from
+    the weight-matching solution and runs at most ``steps`` steps."""
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"unknown alignment {alignment!r}; choose one of {list(ALIGNMENTS)}")
+    if alignment in NEEDS_DATA and not data:
+        raise ValueError(f"alignment {alignment!r} needs data (x, y) batches; none were given")
+    device = next((p.device for p in new.parameters()), None)
+    if alignment == "none":
+        return identity_permutation(spec, device=device)
+    if alignment == "weight_matching":
+        return weight_matching(old, new, spec=spec, seed=seed)
+    if alignment == "activation_matching":
+        return activation_matching(old, new, data, spec=spec)
+    cost: Any = {"sinkhorn_l2": "l2", "sinkhorn_rnd": "rnd"}.get(alignment)
+    if alignment == "sinkhorn_mid":
+        reference = private_copy(old)  # its forward may mutate it (BatchNorm statistics)
+
+        def cost(a: Mapping[str, Tensor], b: Mapping[str, Tensor], batch: Any) -> Tensor:
+            return functional_loss(reference, interpolate_state(a, b, alpha), batch, loss_fn)
+
+    result = align(
+        old, new, spec=spec, cost=cost, data=list(data) or None, loss_fn=loss_fn, steps=steps, seed=seed,
+        progress=False,
+    )  # fmt: skip
+    return result.permutations
+
+
+def interpolated_state(
+    old: Mapping[str, Tensor],
+    new: Mapping[str, Tensor],
+    spec: PermutationSpec,
+    perms: Mapping[str, Tensor],
+    alpha: float,
+    keep: set[str] = frozenset(),  # type: ignore[assignment]
+) -> dict[str, Tensor]:
+    """``(1 − α)·old + α·π(new)`` for floating tensors; integer buffers (BatchNorm counters)
+    from ``new``; the tensors in ``keep`` (frozen parameters) from ``old``, unchanged."""
+    permuted = permute_state(new, spec, perms)
+    out = {}
+    for name, value in permuted.items():
+        if name in keep:
+            out[name] = old[name].clone()
+        elif value.is_floating_point():
+            out[name] = torch.lerp(old[name], value, alpha)
+        else:
+            out[name] = value.clone()
+    return out
+
+
+def timed_alignment(*args: Any, **kwargs: Any) -> tuple[dict[str, Tensor], float]:
+    """:func:`alignment_permutations` and its wall time in seconds."""
+    start = time.perf_counter()
+    perms = alignment_permutations(*args, **kwargs)
+    return perms, time.perf_counter() - start

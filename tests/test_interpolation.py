@@ -1,0 +1,180 @@
+"""Align-then-interpolate (WeightInterpolationPlugin / InterpolationStrategy) on tiny benchmarks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from avalanche.models import SimpleMLP
+from avalanche.training import Naive
+from avalanche.training.plugins import ReplayPlugin, SupervisedPlugin
+from rebasin_testkit import SmallCNN
+from test_strategy import N_CLASSES, _benchmark, _evaluator
+
+from avalanche_rebasin import PermutationSpec, invert_permutation, model_state, permute, random_permutation
+from avalanche_rebasin.interpolation import ALIGNMENTS, alignment_permutations, interpolated_state
+from avalanche_rebasin.interpolation_plugin import InterpolationStrategy, WeightInterpolationPlugin
+from avalanche_rebasin.plugin import RebasinPlugin
+
+
+class TrainedRecorder(SupervisedPlugin):
+    """Keeps the trained weights of every experience, before the interpolation commit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trained: list[dict[str, torch.Tensor]] = []
+
+    def after_training_exp(self, strategy, **kwargs):
+        self.trained.append({k: v.clone() for k, v in model_state(strategy.model).items()})
+
+
+def _mlp() -> SimpleMLP:
+    return SimpleMLP(num_classes=N_CLASSES, input_size=16, hidden_size=32, drop_rate=0)
+
+
+def _run(model, experiences: int = 2, image: bool = False, **settings):
+    torch.manual_seed(0)
+    bench = _benchmark(image=image)
+    recorder = TrainedRecorder()
+    strategy = InterpolationStrategy(
+        model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2), train_mb_size=32,
+        train_epochs=2, eval_mb_size=64, evaluator=_evaluator(),
+        plugins=[ReplayPlugin(mem_size=60), recorder], **settings,
+    )  # fmt: skip
+    committed = []
+    for exp in bench.train_stream[:experiences]:
+        strategy.train(exp)
+        committed.append({k: v.clone() for k, v in model_state(model).items()})
+    return strategy, recorder, committed, bench
+
+
+@pytest.mark.parametrize("alignment", ALIGNMENTS)
+def test_every_alignment_commits_the_formula_with_a_function_preserving_permutation(alignment):
+    alpha = 0.3
+    model = _mlp()
+    strategy, recorder, committed, _ = _run(model, alignment=alignment, alpha=alpha, align_steps=20)
+    (report,) = strategy.interpolation.reports
+    spec = PermutationSpec.from_model(model, torch.zeros(1, 1, 4, 4))
+    old, trained = committed[0], recorder.trained[1]
+    # recompute π: the alignment of the trained network to the previous weights, as the plugin did
+    a, b = _mlp(), _mlp()
+    a.load_state_dict(old)
+    b.load_state_dict(trained)
+    perms = _plugin_perms(strategy, a, b, spec)
+    aligned = permute(b, spec, perms)
+    probe = torch.randn(64, 1, 4, 4)
+    assert (aligned(probe) - b(probe)).abs().max() <= 1e-5  # π(θ_new) computes what θ_new computes
+    expected = {k: (1 - alpha) * old[k] + alpha * v for k, v in model_state(aligned).items()}
+    for name, value in committed[1].items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-6)
+    assert report.units_moved == sum(int((p != torch.arange(len(p))).sum()) for p in perms.values())
+
+
+def _plugin_perms(strategy, old, new, spec):
+    plugin = strategy.interpolation
+    if plugin.alignment in ("none", "weight_matching", "sinkhorn_l2"):
+        data = []
+    else:  # the buffer after experience 1, as the plugin read it
+        replay = next(p for p in strategy.plugins if isinstance(p, ReplayPlugin))
+        loader = torch.utils.data.DataLoader(replay.storage_policy.buffer.eval(), batch_size=32)
+        data = [(b[0], b[1]) for b in loader]
+    return alignment_permutations(
+        old, new, spec, plugin.alignment, data=data, alpha=plugin.alpha, steps=plugin.align_steps, seed=0
+    )
+
+
+@pytest.mark.parametrize("alignment", ["none", "weight_matching", "sinkhorn_mid"])
+def test_alpha_one_keeps_the_trained_function_and_alpha_zero_the_previous_weights(alignment):
+    model = _mlp()
+    _, recorder, committed, _ = _run(model, alignment=alignment, alpha=1.0, align_steps=10)
+    trained = _mlp()
+    trained.load_state_dict(recorder.trained[1])
+    probe = torch.randn(64, 1, 4, 4)
+    assert (model(probe) - trained(probe)).abs().max() <= 1e-5
+    model = _mlp()
+    _, _, committed, _ = _run(model, alignment=alignment, alpha=0.0, align_steps=10)
+    for name, value in committed[1].items():
+        assert torch.equal(value, committed[0][name]), name
+
+
+def test_batchnorm_is_reestimated_on_the_buffer_after_the_commit():
+    model = SmallCNN()
+    model.out = torch.nn.Linear(16, N_CLASSES)
+    strategy, _, _, _ = _run(model, image=True, alignment="weight_matching", alpha=0.5)
+    replay = next(p for p in strategy.plugins if isinstance(p, ReplayPlugin))
+    x = torch.stack(
+        [replay.storage_policy.buffer.eval()[i][0] for i in range(len(replay.storage_policy.buffer))]
+    )
+    with torch.no_grad():  # a cumulative average of the means of the 32-sample batches the plugin read
+        means = torch.stack([model.conv1(xb).mean((0, 2, 3)) for xb in x.split(32)])
+    torch.testing.assert_close(model.bn1.running_mean, means.mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_parameters_stay_bit_identical():
+    model = _mlp()
+    model.features[0].weight.requires_grad_(False)
+    frozen = model.features[0].weight.detach().clone()
+    _run(model, alignment="weight_matching", alpha=0.5)
+    assert torch.equal(model.features[0].weight, frozen)
+
+
+def test_interpolated_state_takes_integer_buffers_from_the_new_network():
+    old = {"w": torch.zeros(2, 2), "n": torch.tensor(3)}
+    new = {"w": torch.ones(2, 2), "n": torch.tensor(7)}
+    spec = PermutationSpec(group_sizes={}, axes={})
+    out = interpolated_state(old, new, spec, {}, 0.25)
+    assert torch.equal(out["w"], torch.full((2, 2), 0.25)) and int(out["n"]) == 7
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"alpha": 1.5}, "alpha must be a number in [0, 1]"),
+        ({"alpha": True}, "alpha must be a number in [0, 1]"),
+        ({"alignment": "optimal"}, "alignment must be one of"),
+        ({"align_data": "test"}, "align_data must be one of"),
+        ({"align_steps": 0}, "align_steps must be an integer >= 1"),
+        ({"bn_reestimate": "yes"}, "bn_reestimate must be True or False"),
+    ],
+)
+def test_bad_settings_are_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        WeightInterpolationPlugin(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("plugins", "message"),
+    [
+        (lambda p: [p], "needs a ReplayPlugin"),
+        (lambda p: [p, ReplayPlugin(mem_size=20)], "must come after ReplayPlugin"),
+        (lambda p: [ReplayPlugin(mem_size=20), p, RebasinPlugin()], "cannot be combined with RebasinPlugin"),
+    ],
+)
+def test_compositions_that_would_be_silently_wrong_are_refused_before_training(plugins, message):
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    strategy = Naive(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_mb_size=32,
+        evaluator=_evaluator(), plugins=plugins(WeightInterpolationPlugin()),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        strategy.train(_benchmark().train_stream[0])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("alignment", ["weight_matching", "activation_matching", "sinkhorn_l2"])
+def test_alignment_undoes_a_hidden_permutation_so_interpolation_lands_on_the_old_network(alignment):
+    """θ_new = π(θ_old) exactly: the weight and activation alignments must find π⁻¹, and then any
+    α commits θ_old. (The task-loss costs need not: a permutation other than π⁻¹ can give the
+    interpolated network a lower loss.)"""
+    torch.manual_seed(0)
+    old = _mlp()
+    spec = PermutationSpec.from_model(old, torch.zeros(1, 1, 4, 4))
+    hidden = random_permutation(spec, torch.Generator().manual_seed(1))
+    new = permute(old, spec, hidden)
+    x = torch.randn(256, 1, 4, 4)
+    data = [(x[i : i + 64], old(x[i : i + 64]).argmax(1)) for i in range(0, 256, 64)]
+    perms = alignment_permutations(old, new, spec, alignment, data=data, alpha=0.5, steps=50)
+    assert all(torch.equal(perms[g], p) for g, p in invert_permutation(hidden).items())
+    committed = interpolated_state(model_state(old), model_state(new), spec, perms, 0.5)
+    for name, value in model_state(old).items():
+        torch.testing.assert_close(committed[name], value)
