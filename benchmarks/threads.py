@@ -24,7 +24,7 @@ from pathlib import Path
 from common import markdown_table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMAND = ["-m", "avalanche_rebasin.experiments", "--quick", "--experiences", "3"]
+COMMAND = ["-m", "avalanche_rebasin_experiments", "--quick", "--experiences", "3"]
 COMMAND += ["--strategies", "naive", "rebasin:midpoint"]
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from avalanche_rebasin.experiments import benchmarks, cli, reporting, runner, strategies
+from avalanche_rebasin_experiments import benchmarks, cli, reporting, runner, strategies
 
 ROOT = Path(__file__).resolve().parents[1]
 

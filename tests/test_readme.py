@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from avalanche_rebasin.experiments import cli
+from avalanche_rebasin_experiments import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -45,7 +45,7 @@ def test_python_block_runs_as_written(index, tmp_path, monkeypatch):
 def _harness_argv(words: list[str]) -> list[str] | None:
     if words[:2] == ["python", "benchmarks/continual.py"]:
         return words[2:]
-    if words[:3] == ["python", "-m", "avalanche_rebasin.experiments"]:
+    if words[:3] == ["python", "-m", "avalanche_rebasin_experiments"]:
         return words[3:]
     if words[:1] == ["avalanche-rebasin-compare"]:
         return words[1:]

@@ -23,9 +23,10 @@ from avalanche.training.storage_policy import ExperienceBalancedBuffer
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
-from ..continual_config import PRESETS, RebasinConfig
-from ..interpolation_plugin import InterpolationStrategy
-from ..strategy import RebasinStrategy
+from avalanche_rebasin.continual_config import PRESETS, RebasinConfig
+from avalanche_rebasin.interpolation_plugin import InterpolationStrategy
+from avalanche_rebasin.strategy import RebasinStrategy
+
 from .benchmarks import BENCHMARKS
 
 __all__ = ["MODELS", "OPTIMIZERS", "STRATEGIES", "Context", "StrategyEntry", "build", "parse_strategy"]

@@ -5,7 +5,7 @@
     avalanche-rebasin-compare --strategies replay+mem_size=2000 rebasin:midpoint \\
         "rebasin-nopermute:consistent+delta_lr=3e-3" --validation
 
-(``python -m avalanche_rebasin.experiments`` and ``python benchmarks/continual.py`` are the
+(``python -m avalanche_rebasin_experiments`` and ``python benchmarks/continual.py`` are the
 same program.) A strategy is ``NAME[:PRESET][+key=value...]``: the ``rebasin`` family takes a
 preset from ``avalanche_rebasin.PRESETS`` (default ``paper``) and any ``RebasinStrategy``
 setting; the baselines take their own (``replay+mem_size=2000``, ``ewc-tuned+ewc_lambda=100``).

@@ -21,8 +21,9 @@ from avalanche.training import JointTraining
 from avalanche.training.plugins import EvaluationPlugin
 from tqdm.auto import tqdm
 
-from ..interpolation_plugin import InterpolationStrategy
-from ..strategy import RebasinStrategy
+from avalanche_rebasin.interpolation_plugin import InterpolationStrategy
+from avalanche_rebasin.strategy import RebasinStrategy
+
 from .benchmarks import BENCHMARKS
 from .strategies import build
 
@@ -56,7 +57,7 @@ def provenance(args: argparse.Namespace) -> dict[str, Any]:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
-    source = Path(__file__).resolve().parents[2]
+    source = Path(__file__).resolve().parents[1]
     commit = _git(source, "rev-parse", "HEAD")
     dirty = _git(source, "status", "--porcelain", "--untracked-files=no")
     return {
