@@ -6,18 +6,26 @@ its own maximum, which no other assignment beats), so it can be read every step 
 the cost of an argmax. The optimisation has converged once that permutation has stayed
 the same for ``patience`` steps while the cost did not rise (by more than ``rtol``
 times the first cost) over those steps.
+
+A weight distance (``C_L2``, ``C_L1``) is never negative, so a hard permutation at which
+it is zero — ``π(θ_B) = θ_A`` up to round-off, as for a permuted copy — is a global
+optimum that no further step can improve: :class:`ZeroCost` detects it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
 from .blocks import diagonal_blocks
+from .permute import permute_state
+from .spec import PermutationSpec
 
-__all__ = ["Convergence", "greedy_permutations"]
+__all__ = ["Convergence", "ZeroCost", "greedy_permutations"]
+
+ZERO_RTOL = 1e-12  # "zero": at most this times the cost against a zero network (round-off)
 
 
 def greedy_permutations(logits: Mapping[str, Tensor], blocks: Mapping[str, int]) -> tuple[Tensor, Tensor]:
@@ -62,3 +70,35 @@ class Convergence:
             return False
         window_start = self.costs[-1 - self.patience]
         return cost <= window_start + self.rtol * abs(self.costs[0])
+
+
+class ZeroCost:
+    """Stop when the hard permutation's cost is zero: ``C(θ_A, π(θ_B)) ≤ ε·(C(θ_A, 0) + C(0, θ_B))``.
+
+    For a cost that is never negative (a weight distance) such a permutation is a
+    global optimum. Evaluated on the greedy permutation whenever it is valid and new.
+    """
+
+    def __init__(
+        self,
+        cost: Callable[..., Tensor],
+        theta_a: Mapping[str, Tensor],
+        theta_b: Mapping[str, Tensor],
+        spec: PermutationSpec,
+    ) -> None:
+        self.cost, self.theta_a, self.theta_b, self.spec = cost, theta_a, theta_b, spec
+        with torch.no_grad():
+            zeros = {k: torch.zeros_like(v) for k, v in theta_b.items()}
+            self.tolerance = ZERO_RTOL * float(cost(theta_a, zeros, None) + cost(zeros, theta_b, None))
+        self.checked: Tensor | None = None
+
+    def reached(self, greedy: Tensor, valid: Tensor) -> bool:
+        """True when ``greedy`` (concatenated group permutations) is a permutation of zero cost."""
+        if not bool(valid) or (self.checked is not None and torch.equal(greedy, self.checked)):
+            return False
+        self.checked = greedy
+        sizes = list(self.spec.group_sizes.values())
+        perms = dict(zip(self.spec.group_sizes, greedy.split(sizes)))
+        with torch.no_grad():
+            value = float(self.cost(self.theta_a, permute_state(self.theta_b, self.spec, perms), None))
+        return value <= self.tolerance

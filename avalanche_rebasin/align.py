@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._checks import batch_stream, check_compatible, resolve_spec
-from ._convergence import Convergence, greedy_permutations
+from ._convergence import Convergence, ZeroCost, greedy_permutations
 from .blocks import blocked_hard_permutation, blocked_sinkhorn
 from .costs import CosineCost, Cost, L1Cost, L2Cost, LossFn, MidpointCost, RandomPointCost
 from .matching import weight_matching_state
@@ -51,8 +51,9 @@ class AlignResult:
             the implicit gradient is exact.
         data_exhausted: True when a one-shot ``data`` iterator ran out before ``steps``
             (the optimisation then stopped early, after ``steps`` steps).
-        stop_reason: ``"converged"`` (the hard permutation stopped changing, see
-            ``patience``), ``"max_steps"``, ``"callback"`` or ``"data_exhausted"``.
+        stop_reason: ``"optimal"`` (a weight cost reached zero, see ``stop_at_zero_cost``),
+            ``"converged"`` (the hard permutation stopped changing, see ``patience``),
+            ``"max_steps"``, ``"callback"`` or ``"data_exhausted"``.
     """
 
     permutations: dict[str, Tensor]
@@ -69,7 +70,7 @@ class AlignResult:
 
     @property
     def converged(self) -> bool:
-        return self.stop_reason == "converged"
+        return self.stop_reason in ("converged", "optimal")
 
 
 class PermutationLogits(nn.Module):
@@ -180,12 +181,27 @@ def _identity_result(model_b: nn.Module, spec: PermutationSpec, state: Mapping[s
 class _Loop:
     """Adam on the logits until ``steps``, convergence, the callback or the data's end."""
 
-    def __init__(self, logits: PermutationLogits, optimizer: torch.optim.Optimizer, convergence: Convergence):
+    def __init__(
+        self,
+        logits: PermutationLogits,
+        optimizer: torch.optim.Optimizer,
+        convergence: Convergence,
+        zero_cost: ZeroCost | None,
+    ):
         self.logits, self.optimizer, self.convergence = logits, optimizer, convergence
+        self.zero_cost = zero_cost
+
+    def optimal(self, blocks: dict[str, int]) -> bool:
+        """Whether the current hard permutation has zero cost (never, without a ``ZeroCost``)."""
+        return self.zero_cost is not None and self.zero_cost.reached(
+            *greedy_permutations(self.logits.as_views(), blocks)
+        )
 
     def run(self, loss_of, batches, steps: int, solver: Sinkhorn, cost, callback, progress: bool):
         plans: dict[str, Tensor] = {}
         blocks = {g: self.logits.spec.blocks(g) for g in self.logits.names}
+        if self.optimal(blocks):  # e.g. a weight-matching start that already maps B onto A
+            return plans, "optimal"
         bar = tqdm(range(steps), desc="align", disable=not progress, leave=False)
         for step in bar:
             batch = next(batches, _END)
@@ -206,6 +222,8 @@ class _Loop:
             greedy, valid = greedy_permutations(self.logits.as_views(), blocks)
             if self.convergence.update(value, greedy, valid):
                 return plans, "converged"
+            if self.zero_cost is not None and self.zero_cost.reached(greedy, valid):
+                return plans, "optimal"
             if callback is not None and callback(step, value, self.logits):
                 return plans, "callback"
         return plans, "max_steps"
@@ -232,6 +250,7 @@ def align(
     callback: Callable[[int, float, PermutationLogits], bool | None] | None = None,
     patience: int | None = 5,
     rtol: float = 1e-3,
+    stop_at_zero_cost: bool = True,
 ) -> AlignResult:
     """Find permutations that bring ``model_b`` into ``model_a``'s basin.
 
@@ -252,6 +271,11 @@ def align(
             steps and the cost did not rise over them by more than ``rtol`` times the first
             cost (``result.stop_reason == "converged"``); ``steps`` is then only a cap.
             ``patience=None`` always runs ``steps`` steps.
+        stop_at_zero_cost: with ``cost="l2"`` or ``"l1"`` (never negative), stop as soon as
+            the hard permutation gives zero cost up to round-off — ``π(θ_B) = θ_A``, a
+            global optimum — checked before the first step (a weight-matching start may
+            already be it: ``steps == 0``) and whenever the permutation changes
+            (``stop_reason == "optimal"``).
 
     Data: a re-iterable ``data`` (list, DataLoader) is cycled; a one-shot iterator
     (generator) is read once, and if it runs out first the optimisation stops there
@@ -289,7 +313,9 @@ def align(
         spec, _initial_logits(spec, init, theta_a, theta_b, keys, generator, ref.device, ref.dtype)
     )
     b_subset = theta_b if needs_data else {k: theta_b[k] for k in keys}
-    loop = _Loop(logits, torch.optim.Adam(logits.parameters(), lr=lr), convergence)
+    lower_bounded = stop_at_zero_cost and isinstance(cost, str) and cost in ("l2", "l1")
+    zero_cost = ZeroCost(cost_fn, theta_a, b_subset, spec) if lower_bounded else None
+    loop = _Loop(logits, torch.optim.Adam(logits.parameters(), lr=lr), convergence, zero_cost)
     start = time.perf_counter()
     plans, reason = loop.run(
         lambda plans, batch: cost_fn(theta_a, soft_permute_state(b_subset, spec, plans), batch),

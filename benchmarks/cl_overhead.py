@@ -8,12 +8,21 @@ stream of synthetic data (no replay) with Naive, Re-basin (the default configura
 δ and permutation logits trained for the same epochs as Naive, BatchNorm re-estimated
 at the commit) and Re-basin without the permutation (δ only). Reported: the median
 wall time of ``strategy.train(experience)`` over the experiences after the first (the
-first experience of Re-basin is ordinary training), and its ratio to Naive.
+first experience of Re-basin is ordinary training), and its ratio to Naive. Each setting
+runs at two experience sizes (n and 2n images), which splits that time into a cost per
+optimiser step (the slope) and a fixed cost per experience (the intercept: the commit,
+BatchNorm re-estimation, diagnostics, Avalanche's own per-experience work).
+``--profile`` adds cProfile's view of one Re-basin experience (SimpleMLP, batch 32):
+``results/speed/cl_profile.txt``.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import math
+import pstats
 import statistics
 import time
 from pathlib import Path
@@ -58,39 +67,88 @@ def _strategy(name: str, model: torch.nn.Module, batch: int):
     return RebasinStrategy(model=model, permute=name == "rebasin", seed=0, **common)
 
 
-def measure(setting: str, name: str, experiences: int) -> list[float]:
+def measure(setting: str, name: str, experiences: int, scale: int = 1) -> list[float]:
+    """Seconds of ``strategy.train`` per experience after the first, ``scale``·n images each."""
     factory, shape, batch, per_experience = SETTINGS[setting]
     torch.manual_seed(0)
     strategy = _strategy(name, factory(), batch)
     seconds = []
-    for experience in _stream(shape, per_experience, experiences).train_stream:
+    for experience in _stream(shape, scale * per_experience, experiences).train_stream:
         start = time.perf_counter()
         strategy.train(experience)
         seconds.append(time.perf_counter() - start)
     return seconds[1:]
 
 
+def split_cost(setting: str, small: float, large: float) -> tuple[float, float]:
+    """(seconds per optimiser step, fixed seconds per experience) from the n and 2n medians."""
+    _, _, batch, n = SETTINGS[setting]
+    steps_small, steps_large = math.ceil(n / batch), math.ceil(2 * n / batch)
+    per_step = (large - small) / (steps_large - steps_small)
+    return per_step, small - per_step * steps_small
+
+
+def profile_one_experience(out: Path, top: int = 25) -> None:
+    """cProfile of Re-basin's second experience (SimpleMLP, batch 32), by cumulative time."""
+    setting = "SimpleMLP, batch 32"
+    factory, shape, batch, per_experience = SETTINGS[setting]
+    torch.manual_seed(0)
+    strategy = _strategy("rebasin", factory(), batch)
+    first, second = list(_stream(shape, per_experience, 2).train_stream)
+    strategy.train(first)
+    profiler = cProfile.Profile()
+    profiler.runcall(strategy.train, second)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(top)
+    (out / "cl_profile.txt").write_text(f"{setting}, Re-basin, experience 2, one thread\n{text.getvalue()}")
+    print(text.getvalue())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiences", type=int, default=5, help="a divisor of 10")
     p.add_argument("--out", default="results/speed")
+    p.add_argument("--profile", action="store_true", help="also write cl_profile.txt")
     args = p.parse_args()
     rows, records = [], []
     for setting in SETTINGS:
-        medians = {}
+        medians, steps = {}, {}
         for name in ("naive", "rebasin", "rebasin-delta-only"):
-            seconds = measure(setting, name, args.experiences)
-            medians[name] = statistics.median(seconds)
-            records.append({"setting": setting, "strategy": name, "seconds": seconds})
+            small, large = (measure(setting, name, args.experiences, scale) for scale in (1, 2))
+            medians[name] = statistics.median(small)
+            steps[name] = split_cost(setting, medians[name], statistics.median(large))
+            records.append({"setting": setting, "strategy": name, "seconds_n": small, "seconds_2n": large})
             print(f"{setting:30s} {name:20s} {medians[name]:.3f} s/experience", flush=True)
         for name, value in medians.items():
-            rows.append([setting, name, f"{value:.3f}", f"{value / medians['naive']:.2f}×"])
-    table = markdown_table(["setting", "strategy", "train s / experience (median)", "ratio to Naive"], rows)
+            per_step, fixed = steps[name]
+            rows.append(
+                [
+                    setting,
+                    name,
+                    f"{value:.3f}",
+                    f"{value / medians['naive']:.2f}×",
+                    f"{1e3 * per_step:.2f}",
+                    f"{per_step / steps['naive'][0]:.2f}×",
+                    f"{fixed:.3f}",
+                ]
+            )
+    header = [
+        "setting",
+        "strategy",
+        "train s / experience",
+        "ratio",
+        "ms / step",
+        "step ratio",
+        "fixed s / exp",
+    ]
+    table = markdown_table(header, rows)
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cl_overhead.md").write_text(table + "\n")
     write_json(out / "cl_overhead.json", {"threads": torch.get_num_threads(), "runs": records})
+    if args.profile:
+        profile_one_experience(out)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,13 @@ def ours_align(a: nn.Module, b: nn.Module, x: torch.Tensor, task: str) -> tuple[
     return result.model, result.steps, result.seconds
 
 
+def ours_sinkhorn(a: nn.Module, b: nn.Module, x: torch.Tensor, task: str) -> tuple[nn.Module, int, float]:
+    from avalanche_rebasin import align
+
+    result = align(a, b, example_input=x, cost="l2", progress=False, stop_at_zero_cost=False)
+    return result.model, result.steps, result.seconds
+
+
 def ours_wm(a: nn.Module, b: nn.Module, x: torch.Tensor, task: str) -> tuple[Any, None, None]:
     from avalanche_rebasin import weight_matching
 
@@ -96,7 +103,13 @@ def snimu(a: nn.Module, b: nn.Module, x: torch.Tensor, task: str) -> tuple[nn.Mo
     return b, count[0], time.perf_counter() - start
 
 
-METHODS = {"ours-align": ours_align, "ours-wm": ours_wm, "authors": authors, "snimu": snimu}
+METHODS = {
+    "ours-align": ours_align,
+    "ours-sinkhorn": ours_sinkhorn,
+    "ours-wm": ours_wm,
+    "authors": authors,
+    "snimu": snimu,
+}
 
 
 def main(method: str, task: str, seed: int, path: str) -> None:

@@ -5,8 +5,9 @@ import torch
 from rebasin_testkit import mlp
 
 from avalanche_rebasin import PermutationSpec, align, permute, random_permutation
-from avalanche_rebasin._convergence import Convergence, greedy_permutations
+from avalanche_rebasin._convergence import Convergence, ZeroCost, greedy_permutations
 from avalanche_rebasin.blocks import blocked_hard_permutation
+from avalanche_rebasin.costs import L2Cost
 
 
 def _permuted_pair(hidden_layers: int = 4, width: int = 10):
@@ -19,18 +20,71 @@ def _permuted_pair(hidden_layers: int = 4, width: int = 10):
 @pytest.mark.parametrize("init", ["identity", "weight_matching"])
 def test_align_stops_once_converged_and_is_exact(init):
     model, permuted, spec = _permuted_pair()
-    result = align(model, permuted, spec=spec, steps=500, init=init, progress=False)
+    result = align(model, permuted, spec=spec, steps=500, init=init, progress=False, stop_at_zero_cost=False)
     assert result.stop_reason == "converged" and result.converged
     assert result.steps < (100 if init == "identity" else 10)  # a cap, not a schedule
     recovered = result.model.state_dict()
     assert all(torch.equal(recovered[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_permuted_copy_stops_at_zero_cost_before_any_step_from_weight_matching():
+    model, permuted, spec = _permuted_pair()
+    result = align(model, permuted, spec=spec, progress=False)
+    assert (result.stop_reason, result.steps, result.converged) == ("optimal", 0, True)
+    recovered = result.model.state_dict()
+    assert all(torch.equal(recovered[k], v) for k, v in model.state_dict().items())
+
+
+def test_zero_cost_stops_the_sinkhorn_loop_as_soon_as_the_permutation_is_right():
+    model, permuted, spec = _permuted_pair()
+    kwargs = dict(spec=spec, steps=500, init="identity", progress=False)
+    zero = align(model, permuted, **kwargs)
+    patient = align(model, permuted, stop_at_zero_cost=False, **kwargs)
+    assert zero.stop_reason == "optimal" and 0 < zero.steps < patient.steps
+    recovered = zero.model.state_dict()
+    assert all(torch.equal(recovered[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("cost", ["l2", "l1", "cosine"])
+def test_zero_cost_never_fires_for_a_model_that_is_not_a_permuted_copy(cost):
+    model, permuted, spec = _permuted_pair()
+    noisy = permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(1e-4 * torch.randn_like(p))  # off by far less than any unit's weights
+    result = align(model, noisy, spec=spec, steps=60, cost=cost, progress=False)
+    assert result.stop_reason in ("converged", "max_steps")
+    expected = align(model, permuted, spec=spec, progress=False).permutations
+    assert all(torch.equal(result.permutations[g], p) for g, p in expected.items())
+
+
+def test_zero_cost_tolerance_is_round_off_relative_to_the_weights():
+    model, permuted, spec = _permuted_pair()
+    state_a = {k: v for k, v in model.state_dict().items() if k in spec.axes}
+    state_b = {k: v for k, v in permuted.state_dict().items() if k in spec.axes}
+    rule = ZeroCost(L2Cost(list(state_a)), state_a, state_b, spec)
+    perms = align(model, permuted, spec=spec, progress=False).permutations
+    right = torch.cat([perms[g] for g in spec.group_sizes])
+    wrong = torch.cat([torch.arange(n) for n in spec.group_sizes.values()])
+    assert not rule.reached(wrong, torch.tensor(True))
+    assert not rule.reached(right, torch.tensor(False))  # not a permutation: never read
+    assert rule.reached(right, torch.tensor(True))
+    assert 0 < rule.tolerance < 1e-9
+
+
 def test_without_patience_every_step_runs_and_other_reasons_are_reported():
     model, permuted, spec = _permuted_pair()
-    full = align(model, permuted, spec=spec, steps=40, patience=None, progress=False)
+    full = align(model, permuted, spec=spec, steps=40, patience=None, progress=False, stop_at_zero_cost=False)
     assert (full.steps, full.stop_reason, full.converged) == (40, "max_steps", False)
-    stopped = align(model, permuted, spec=spec, steps=40, progress=False, callback=lambda step, *_: step == 2)
+    stopped = align(
+        model,
+        permuted,
+        spec=spec,
+        steps=40,
+        progress=False,
+        stop_at_zero_cost=False,
+        callback=lambda step, *_: step == 2,
+    )
     assert (stopped.steps, stopped.stop_reason) == (3, "callback")
     with pytest.raises(ValueError, match="patience"):
         align(model, permuted, spec=spec, patience=0, progress=False)

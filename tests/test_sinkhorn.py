@@ -134,11 +134,8 @@ def test_align_takes_a_configured_solver_and_reports_whether_it_converged():
     model, x = mlp(2, width=8), torch.randn(2, 20)
     spec = PermutationSpec.from_model(model, x)
     permuted = permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(0)))
-    result = align(
-        model, permuted, spec=spec, sinkhorn=Sinkhorn(tau=1.0, n_iter=50, threshold=1e-6), progress=False
-    )
-    assert result.sinkhorn_converged and result.marginal_error <= 1e-6
-    starved = align(
-        model, permuted, spec=spec, sinkhorn=Sinkhorn(n_iter=1), steps=3, patience=None, progress=False
-    )
-    assert starved.marginal_error > 1e-3 and not starved.sinkhorn_converged
+    run = dict(spec=spec, progress=False, stop_at_zero_cost=False)  # a permuted copy: zero cost at step 0
+    result = align(model, permuted, sinkhorn=Sinkhorn(tau=1.0, n_iter=50, threshold=1e-6), **run)
+    assert result.steps > 0 and result.sinkhorn_converged and result.marginal_error <= 1e-6
+    starved = align(model, permuted, sinkhorn=Sinkhorn(n_iter=1), steps=3, patience=None, **run)
+    assert starved.steps == 3 and starved.marginal_error > 1e-3 and not starved.sinkhorn_converged
