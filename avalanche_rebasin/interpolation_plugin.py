@@ -9,6 +9,7 @@ re-estimates BatchNorm statistics on the alignment data (see
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ from .interpolation import ALIGNMENTS, NEEDS_DATA, InterpolationReport, interpol
 from .lmc import reestimate_batchnorm
 from .permute import identity_permutation, load_state_, model_state, private_copy
 from .plugin import RebasinPlugin, _example_input
+from .restart import fresh_initialisation, restart_state
 from .spec import PermutationSpec
 
 __all__ = ["InterpolationStrategy", "WeightInterpolationPlugin"]
@@ -43,6 +45,10 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         align_samples: at most this many samples are read (the first ones, eval transforms).
         align_steps: the Sinkhorn alignments' step cap.
         bn_reestimate: re-estimate BatchNorm statistics of the committed network.
+        restart: every experience after the first starts training from
+            ``(1 − restart)·θ_old + restart·θ_init``, a fresh seeded initialisation
+            (0: fine-tune θ_old, the default; 1: from scratch; see
+            :mod:`avalanche_rebasin.restart`). θ_old, the interpolation's anchor, is unchanged.
         spec: a PermutationSpec (default: discovered from the model at every commit).
     """
 
@@ -55,11 +61,14 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         align_samples: int = 1000,
         align_steps: int = 100,
         bn_reestimate: bool = True,
+        restart: float = 0.0,
         spec: PermutationSpec | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
         _check_settings(alpha, alignment, align_data, align_samples, align_steps, bn_reestimate, seed)
+        _check_fraction("restart", restart)
+        self.restart = float(restart)
         self.alpha, self.alignment, self.align_data = float(alpha), alignment, align_data
         self.align_samples, self.align_steps, self.bn_reestimate = align_samples, align_steps, bn_reestimate
         self.spec, self.seed = spec, seed
@@ -78,6 +87,21 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         self._previous = (
             {k: v.detach().clone() for k, v in model_state(model).items()} if self._experiences else None
         )
+        if self._previous is not None and self.restart > 0:
+            self._restart(model, self._previous)
+
+    def _restart(self, model: nn.Module, previous: dict[str, torch.Tensor]) -> None:
+        """Move the model to ``(1 − r)·θ_old + r·θ_init`` before it trains (in place)."""
+        fresh = fresh_initialisation(model, seed=1_000_003 * self.seed + self._experiences)
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        kept = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(fresh[n], p)]
+        if kept:
+            warnings.warn(
+                f"WeightInterpolationPlugin(restart={self.restart}): {len(kept)} trainable parameter(s) "
+                f"have no reset_parameters() in their module and keep their previous values: {kept[:3]}",
+                stacklevel=2,
+            )
+        load_state_(model, restart_state(previous, fresh, self.restart, frozen))
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self._experiences += 1
@@ -111,13 +135,17 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         return self.alignment in NEEDS_DATA or (self.bn_reestimate and has_bn)
 
 
+def _check_fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"WeightInterpolationPlugin: {name} must be a number in [0, 1], got {value!r}.")
+
+
 def _check_settings(
     alpha: Any, alignment: Any, align_data: Any, samples: Any, steps: Any, bn: Any, seed: Any
 ) -> None:
     """Raise ``ValueError`` naming the first setting of the wrong type or range."""
     owner = "WeightInterpolationPlugin"
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"{owner}: alpha must be a number in [0, 1], got {alpha!r}.")
+    _check_fraction("alpha", alpha)
     for name, value, choices in (
         ("alignment", alignment, ALIGNMENTS),
         ("align_data", align_data, ALIGN_DATA),
@@ -185,8 +213,8 @@ class InterpolationStrategy(SupervisedTemplate):
 
     Args:
         model, optimizer: as for any Avalanche strategy.
-        alpha, alignment, align_data, align_samples, align_steps, bn_reestimate, spec, seed:
-            see :class:`WeightInterpolationPlugin`.
+        alpha, alignment, align_data, align_samples, align_steps, bn_reestimate, restart, spec,
+            seed: see :class:`WeightInterpolationPlugin`.
         plugins: other Avalanche plugins (a ``ReplayPlugin`` for ``align_data="buffer"``).
         **base_kwargs: everything ``SupervisedTemplate`` accepts.
     """
@@ -202,6 +230,7 @@ class InterpolationStrategy(SupervisedTemplate):
         align_samples: int = 1000,
         align_steps: int = 100,
         bn_reestimate: bool = True,
+        restart: float = 0.0,
         spec: PermutationSpec | None = None,
         seed: int = 0,
         plugins: Sequence[Any] | None = None,
@@ -209,7 +238,7 @@ class InterpolationStrategy(SupervisedTemplate):
     ) -> None:
         self.interpolation = WeightInterpolationPlugin(
             alpha=alpha, alignment=alignment, align_data=align_data, align_samples=align_samples,
-            align_steps=align_steps, bn_reestimate=bn_reestimate, spec=spec, seed=seed,
+            align_steps=align_steps, bn_reestimate=bn_reestimate, restart=restart, spec=spec, seed=seed,
         )  # fmt: skip
         plugins = [*(plugins or []), self.interpolation]
         super().__init__(model=model, optimizer=optimizer, plugins=plugins, **base_kwargs)

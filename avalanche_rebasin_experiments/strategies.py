@@ -119,7 +119,7 @@ def _rebasin(name: str) -> Callable[[Context, dict[str, Any]], SupervisedTemplat
 
 
 INTERPOLATION_SETTINGS = ("alpha", "alignment", "align_data", "align_samples", "align_steps", "bn_reestimate")
-INTERPOLATION_SETTINGS += ("mem_size",)
+INTERPOLATION_SETTINGS += ("restart", "mem_size")
 
 
 def _interpolation(ctx: Context, kw: dict[str, Any]) -> SupervisedTemplate:

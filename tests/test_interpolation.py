@@ -14,6 +14,7 @@ from avalanche_rebasin import PermutationSpec, invert_permutation, model_state, 
 from avalanche_rebasin.interpolation import ALIGNMENTS, alignment_permutations, interpolated_state
 from avalanche_rebasin.interpolation_plugin import InterpolationStrategy, WeightInterpolationPlugin
 from avalanche_rebasin.plugin import RebasinPlugin
+from avalanche_rebasin.restart import fresh_initialisation, restart_state
 
 
 class TrainedRecorder(SupervisedPlugin):
@@ -31,14 +32,14 @@ def _mlp() -> SimpleMLP:
     return SimpleMLP(num_classes=N_CLASSES, input_size=16, hidden_size=32, drop_rate=0)
 
 
-def _run(model, experiences: int = 2, image: bool = False, **settings):
+def _run(model, experiences: int = 2, image: bool = False, extra=(), **settings):
     torch.manual_seed(0)
     bench = _benchmark(image=image)
     recorder = TrainedRecorder()
     strategy = InterpolationStrategy(
         model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2), train_mb_size=32,
         train_epochs=2, eval_mb_size=64, evaluator=_evaluator(),
-        plugins=[ReplayPlugin(mem_size=60), recorder], **settings,
+        plugins=[ReplayPlugin(mem_size=60), recorder, *extra], **settings,
     )  # fmt: skip
     committed = []
     for exp in bench.train_stream[:experiences]:
@@ -178,3 +179,73 @@ def test_alignment_undoes_a_hidden_permutation_so_interpolation_lands_on_the_old
     committed = interpolated_state(model_state(old), model_state(new), spec, perms, 0.5)
     for name, value in model_state(old).items():
         torch.testing.assert_close(committed[name], value)
+
+
+class StartRecorder(SupervisedPlugin):
+    """Keeps the weights every experience starts training from (after any restart)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts: list[dict[str, torch.Tensor]] = []
+
+    def before_training_epoch(self, strategy, **kwargs):
+        if strategy.clock.train_exp_epochs == 0:
+            self.starts.append({k: v.clone() for k, v in model_state(strategy.model).items()})
+
+
+@pytest.mark.parametrize("restart", [0.0, 0.5, 1.0])
+def test_restart_starts_each_experience_from_the_mix_and_interpolates_from_the_old_weights(restart):
+    model, starts = _mlp(), StartRecorder()
+    _, recorder, committed, _ = _run(
+        model, alignment="none", alpha=0.5, restart=restart, seed=3, extra=[starts]
+    )
+    assert len(starts.starts) == 2
+    fresh = fresh_initialisation(_mlp(), seed=1_000_003 * 3 + 1)  # the plugin's draw for experience 2
+    for name, old in committed[0].items():
+        expected = torch.lerp(old, fresh[name], restart)
+        torch.testing.assert_close(starts.starts[1][name], expected, rtol=0, atol=1e-7)
+        # the commit interpolates toward θ_old, not toward the restart point
+        torch.testing.assert_close(committed[1][name], 0.5 * old + 0.5 * recorder.trained[1][name])
+
+
+def test_fresh_initialisation_is_seeded_leaves_the_model_and_global_rng_alone():
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(5)
+    expected_next = torch.rand(3)
+    torch.manual_seed(5)
+    a, b, c = (fresh_initialisation(model, seed) for seed in (0, 0, 1))
+    assert torch.equal(torch.rand(3), expected_next)  # the global generator did not move
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(
+        a["classifier.weight"], c["classifier.weight"]
+    )
+    with pytest.raises(ValueError, match="no submodule with reset_parameters"):
+        fresh_initialisation(torch.nn.Sequential(), 0)
+
+
+def test_restart_state_keeps_frozen_parameters_and_integer_buffers():
+    previous = {"w": torch.zeros(2), "frozen": torch.zeros(2), "n": torch.tensor(4)}
+    fresh = {"w": torch.ones(2), "frozen": torch.ones(2), "n": torch.tensor(0)}
+    out = restart_state(previous, fresh, 0.25, frozen={"frozen"})
+    assert torch.equal(out["w"], torch.full((2,), 0.25)) and torch.equal(out["frozen"], torch.zeros(2))
+    assert int(out["n"]) == 4
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Avalanche's, re-emitted by pytest.warns
+def test_restart_warns_about_parameters_without_an_initialisation_and_is_validated():
+    class WithLooseParameter(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32))
+            self.scale = torch.nn.Parameter(torch.ones(32))
+            self.classifier = torch.nn.Linear(32, N_CLASSES)
+
+        def forward(self, x):
+            return self.classifier(torch.relu(self.features(x) * self.scale))
+
+    with pytest.warns(UserWarning, match=r"1 trainable parameter\(s\) have no reset_parameters.*'scale'"):
+        _run(WithLooseParameter(), alignment="none", alpha=0.5, restart=1.0)
+    for bad in (-0.1, 2, "1", True):
+        with pytest.raises(ValueError, match="restart must be a number in"):
+            WeightInterpolationPlugin(restart=bad)

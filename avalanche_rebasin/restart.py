@@ -1,0 +1,56 @@
+"""Where the next experience's training starts: the previous weights, a fresh
+initialisation, or a mix of the two.
+
+    θ_start = (1 − r)·θ_old + r·θ_init
+
+with ``θ_init`` the model's own initialisation (every submodule's ``reset_parameters``)
+drawn from a seeded generator. ``r = 0`` fine-tunes θ_old (the usual continual-learning
+start); ``r = 1`` trains from scratch; in between it is Ash & Adams' "shrink and perturb"
+(NeurIPS 2020) with the perturbation drawn from the initialisation. Starting away from
+θ_old gives the new network room to learn, and gives an alignment before interpolation
+something to do: a network fine-tuned from θ_old stays in θ_old's basin.
+Torch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .permute import model_state, private_copy
+
+__all__ = ["fresh_initialisation", "restart_state"]
+
+
+def fresh_initialisation(model: nn.Module, seed: int) -> dict[str, Tensor]:
+    """A new draw of ``model``'s initialisation (``model`` untouched), deterministic in ``seed``.
+
+    Raises ``ValueError`` when no submodule has ``reset_parameters`` (nothing to draw).
+    """
+    copy = private_copy(model)
+    resettable = [m for m in copy.modules() if callable(getattr(m, "reset_parameters", None))]
+    if not resettable:
+        raise ValueError(
+            f"{type(model).__name__} has no submodule with reset_parameters(), so there is no "
+            "initialisation to restart from; use restart=0 (fine-tune the previous weights)."
+        )
+    device = next(iter(model_state(model).values()), torch.empty(0)).device
+    devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        for module in resettable:
+            module.reset_parameters()
+    return {k: v.detach().clone() for k, v in model_state(copy).items()}
+
+
+def restart_state(
+    previous: Mapping[str, Tensor], fresh: Mapping[str, Tensor], r: float, frozen: Collection[str] = ()
+) -> dict[str, Tensor]:
+    """``(1 − r)·previous + r·fresh`` for floating tensors; frozen parameters and integer
+    buffers (e.g. BatchNorm's batch counter) keep their previous values exactly."""
+    return {
+        k: torch.lerp(v, fresh[k], r) if v.is_floating_point() and k not in frozen else v.clone()
+        for k, v in previous.items()
+    }
