@@ -106,12 +106,7 @@ class RebasinNetwork(nn.Module):
         # the trained network's own running statistics, updated by its training forwards
         self.running = _buffers({k: v.clone() for k, v in theta.items() if k not in self.parameter_names})
         generator = torch.Generator().manual_seed(config.seed * 100_003 + experience)
-        self.delta = nn.ParameterDict(
-            {
-                _key(n): nn.Parameter(config.delta_init_std * _randn_like(theta[n], generator))
-                for n in self.trainable
-            }
-        )
+        self.delta = _initial_delta(theta, self.trainable, config.delta_init_std, generator)
         self.permutation: PermutationLogits | None = None
         if len(self.spec):
             init = _initial_logits(theta, self.spec, config, self.parameter_names, generator)
@@ -267,6 +262,14 @@ def _buffers(tensors: Mapping[str, Tensor]) -> nn.Module:
     for name, value in tensors.items():
         holder.register_buffer(_key(name), value)
     return holder
+
+
+def _initial_delta(
+    theta: Mapping[str, Tensor], trainable: list[str], std: float, generator: torch.Generator
+) -> nn.ParameterDict:
+    """δ ~ N(0, std²) for every trainable parameter (zeros when ``std == 0``)."""
+    deltas = {_key(n): nn.Parameter(std * _randn_like(theta[n], generator)) for n in trainable}
+    return nn.ParameterDict(deltas)
 
 
 def _randn_like(tensor: Tensor, generator: torch.Generator) -> Tensor:

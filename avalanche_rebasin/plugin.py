@@ -87,11 +87,7 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
     # -- hooks ------------------------------------------------------------------------------
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
         check_plugins(strategy.plugins)
-        if sum(isinstance(p, RebasinPlugin) for p in strategy.plugins) > 1:
-            raise ValueError(
-                "A strategy can carry one RebasinPlugin (RebasinStrategy already has its own); "
-                "remove the extra one and pass its settings to the first."
-            )
+        _check_single(strategy.plugins)
         strategy.plugins = arrange_plugins(strategy.plugins, self)
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
@@ -346,6 +342,14 @@ def _publish(strategy: Any, report: ExperienceReport) -> None:
     for name, value in values.items():
         metric = f"Rebasin/{name}/train_phase/train_stream"
         evaluator.publish_metric_value(MetricValue(evaluator, metric, value, report.experience))
+
+
+def _check_single(plugins: list[Any]) -> None:
+    if sum(isinstance(p, RebasinPlugin) for p in plugins) > 1:
+        raise ValueError(
+            "A strategy can carry one RebasinPlugin (RebasinStrategy already has its own); "
+            "remove the extra one and pass its settings to the first."
+        )
 
 
 def _example_input(strategy: Any, model: nn.Module) -> Any:
