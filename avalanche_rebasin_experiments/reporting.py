@@ -175,7 +175,11 @@ def _plot_matrices(by_name: dict[str, list[Record]], out: Path, title: str) -> N
         return
     cols = min(4, len(by_name))
     rows = math.ceil(len(by_name) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 0.8, 3.2 * rows), squeeze=False)
+    titles = {name: panel_title(name) for name in by_name}
+    extra_lines = max(t.count("\n") for t in titles.values())
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.4 * cols + 0.8, (3.2 + 0.2 * extra_lines) * rows), squeeze=False
+    )
     image = None
     for k, (ax, (name, runs)) in enumerate(zip(axes.flat, by_name.items())):
         matrix = np.nanmean([_matrix(r) for r in runs], axis=0) * 100
@@ -195,7 +199,7 @@ def _plot_matrices(by_name: dict[str, list[Record]], out: Path, title: str) -> N
         step = max(1, math.ceil(n_test / 10))
         ax.set_xticks(range(0, n_test, step), [str(k + 1) for k in range(0, n_test, step)], fontsize=7)
         ax.set_yticks(range(0, n_train, step), [str(k + 1) for k in range(0, n_train, step)], fontsize=7)
-        ax.set_title(name, fontsize=9)
+        ax.set_title(titles[name], fontsize=8)
         if k % cols == 0:
             ax.set_ylabel("after training experience", fontsize=8)
         if k + cols >= len(by_name):  # the lowest panel of its column
@@ -206,6 +210,18 @@ def _plot_matrices(by_name: dict[str, list[Record]], out: Path, title: str) -> N
     fig.suptitle(f"{title}: accuracy matrix ({_over_seeds(by_name)})", fontsize=11)
     fig.savefig(out / "accuracy_matrix.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def panel_title(name: str, width: int = 24) -> str:
+    """A strategy token broken after ``+`` so that no line is wider than ``width`` (a part
+    longer than that stays whole)."""
+    lines: list[str] = []
+    for part in name.split("+"):
+        if lines and len(lines[-1]) + 1 + len(part) <= width:
+            lines[-1] += "+" + part
+        else:
+            lines.append(part)
+    return "+\n".join(lines)
 
 
 def _matrix(run: Record) -> np.ndarray:

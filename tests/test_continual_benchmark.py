@@ -442,3 +442,11 @@ def test_embedded_validation_split_is_disjoint_from_the_test_digits(tmp_path):
     assert (len(train), len(test), len(v_train), len(v_held)) == (4000, 1000, 3600, 400)
     as_set = lambda images: {im.tobytes() for im in images}  # noqa: E731
     assert as_set(v_train) | as_set(v_held) == as_set(train) and not as_set(v_held) & as_set(test)
+
+
+def test_matrix_panel_titles_break_long_strategy_tokens_after_a_plus():
+    token = "interp+alignment=activation_matching+alpha=0.7+restart=1"
+    title = reporting.panel_title(token)
+    assert title.replace("\n", "") == token and title.count("\n") >= 2
+    assert all(len(line) <= 24 or "+" not in line.rstrip("+") for line in title.splitlines())
+    assert reporting.panel_title("replay") == "replay"
