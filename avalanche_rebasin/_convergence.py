@@ -88,7 +88,7 @@ class ZeroCost:
     ) -> None:
         self.cost, self.theta_a, self.theta_b, self.spec = cost, theta_a, theta_b, spec
         with torch.no_grad():
-            zeros = {k: torch.zeros_like(v) for k, v in theta_b.items()}
+            zeros = {k: v.new_zeros(()).expand_as(v) for k, v in theta_b.items()}  # views: no copy
             self.tolerance = ZERO_RTOL * float(cost(theta_a, zeros, None) + cost(zeros, theta_b, None))
         self.checked: Tensor | None = None
 

@@ -48,10 +48,12 @@ class AlignResult:
         steps, seconds: optimisation steps taken and wall time.
         marginal_error: Sinkhorn's last marginal error (how converged the forward was);
             ``sinkhorn_converged``: within the solver's threshold (1e-3 by default), where
-            the implicit gradient is exact.
+            the implicit gradient is exact. ``None`` and ``True`` when no Sinkhorn step ran
+            (``steps == 0``: the start was already optimal, or there is nothing to permute).
         data_exhausted: True when a one-shot ``data`` iterator ran out before ``steps``
             (the optimisation then stopped early, after ``steps`` steps).
-        stop_reason: ``"optimal"`` (a weight cost reached zero, see ``stop_at_zero_cost``),
+        stop_reason: ``"optimal"`` (a weight cost reached zero, see ``stop_at_zero_cost``, or
+            nothing to permute),
             ``"converged"`` (the hard permutation stopped changing, see ``patience``),
             ``"max_steps"``, ``"callback"`` or ``"data_exhausted"``.
     """
@@ -63,7 +65,7 @@ class AlignResult:
     history: list[float] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
-    marginal_error: float = 0.0
+    marginal_error: float | None = None
     data_exhausted: bool = False
     stop_reason: str = "max_steps"
     sinkhorn_converged: bool = True
@@ -175,7 +177,7 @@ def _check_cost_value(value: Any, cost: Any) -> None:
 def _identity_result(model_b: nn.Module, spec: PermutationSpec, state: Mapping[str, Tensor]) -> AlignResult:
     """Nothing to permute (no parameter in the spec): identity permutations, a copy of ``model_b``."""
     perms = identity_permutation(spec, device=next(iter(state.values()), torch.empty(0)).device)
-    return AlignResult(perms, permute(model_b, spec, perms), spec, {})
+    return AlignResult(perms, permute(model_b, spec, perms), spec, {}, stop_reason="optimal")
 
 
 class _Loop:
@@ -334,7 +336,7 @@ def _result(
 ):
     """The :class:`AlignResult` of a finished optimisation."""
     perms, history = loop.logits.hard(), loop.convergence.costs
-    error = max((marginal_error(p) for p in plans.values()), default=0.0)
+    error = max((marginal_error(p) for p in plans.values()), default=None)
     return AlignResult(
         permutations=perms,
         model=permute(model_b, loop.logits.spec, perms),
@@ -344,7 +346,7 @@ def _result(
         steps=len(history),
         seconds=seconds,
         marginal_error=error,
-        sinkhorn_converged=solver.converged(error),
+        sinkhorn_converged=error is None or solver.converged(error),
         data_exhausted=reason == "data_exhausted",
         stop_reason=reason,
     )

@@ -31,6 +31,7 @@ def test_a_permuted_copy_stops_at_zero_cost_before_any_step_from_weight_matching
     model, permuted, spec = _permuted_pair()
     result = align(model, permuted, spec=spec, progress=False)
     assert (result.stop_reason, result.steps, result.converged) == ("optimal", 0, True)
+    assert result.marginal_error is None and result.sinkhorn_converged  # no Sinkhorn step ran
     recovered = result.model.state_dict()
     assert all(torch.equal(recovered[k], v) for k, v in model.state_dict().items())
 
@@ -41,6 +42,7 @@ def test_zero_cost_stops_the_sinkhorn_loop_as_soon_as_the_permutation_is_right()
     zero = align(model, permuted, **kwargs)
     patient = align(model, permuted, stop_at_zero_cost=False, **kwargs)
     assert zero.stop_reason == "optimal" and 0 < zero.steps < patient.steps
+    assert zero.marginal_error is not None and zero.marginal_error >= 0  # a plan ran this time
     recovered = zero.model.state_dict()
     assert all(torch.equal(recovered[k], v) for k, v in model.state_dict().items())
 

@@ -121,6 +121,7 @@ def test_models_without_parameters_give_identity_and_bn_reestimation_works(make)
     empty = PermutationSpec({}, {})
     result = align(a, b, spec=empty, progress=False)
     assert result.permutations == {} and result.steps == 0 and result.model is not b
+    assert result.converged and result.marginal_error is None  # the identity is the only choice
     assert weight_matching(a, b, spec=empty) == {}
     x = torch.randn(8, 6) * 3 + 1
     reestimate_batchnorm(a, [x])
