@@ -48,9 +48,16 @@ def fresh_initialisation(model: nn.Module, seed: int) -> dict[str, Tensor]:
 def restart_state(
     previous: Mapping[str, Tensor], fresh: Mapping[str, Tensor], r: float, frozen: Collection[str] = ()
 ) -> dict[str, Tensor]:
-    """``(1 − r)·previous + r·fresh`` for floating tensors; frozen parameters and integer
-    buffers (e.g. BatchNorm's batch counter) keep their previous values exactly."""
-    return {
-        k: torch.lerp(v, fresh[k], r) if v.is_floating_point() and k not in frozen else v.clone()
-        for k, v in previous.items()
-    }
+    """``(1 − r)·previous + r·fresh`` for floating tensors; frozen parameters keep their
+    previous values exactly. Integer buffers (BatchNorm's batch counter) cannot be mixed and
+    come from the nearer end: ``previous`` for ``r ≤ ½``, ``fresh`` above (from scratch, a
+    ``momentum=None`` BatchNorm then averages its statistics afresh)."""
+    out = {}
+    for k, v in previous.items():
+        if k in frozen:
+            out[k] = v.clone()
+        elif v.is_floating_point():
+            out[k] = torch.lerp(v, fresh[k], r)
+        else:
+            out[k] = (fresh[k] if r > 0.5 else v).clone()
+    return out

@@ -230,6 +230,24 @@ def test_restart_state_keeps_frozen_parameters_and_integer_buffers():
     out = restart_state(previous, fresh, 0.25, frozen={"frozen"})
     assert torch.equal(out["w"], torch.full((2,), 0.25)) and torch.equal(out["frozen"], torch.zeros(2))
     assert int(out["n"]) == 4
+    assert int(restart_state(previous, fresh, 0.75)["n"]) == 0  # integers come from the nearer end
+    assert torch.equal(restart_state(previous, fresh, 1.0, frozen={"frozen"})["frozen"], torch.zeros(2))
+
+
+def test_restart_on_a_batchnorm_model_starts_from_fresh_statistics_and_commits_reestimated_ones():
+    model, starts = SmallCNN(), StartRecorder()
+    model.out = torch.nn.Linear(16, N_CLASSES)
+    strategy, _, _, _ = _run(model, image=True, alignment="weight_matching", alpha=0.5, restart=1.0,
+                             extra=[starts])  # fmt: skip
+    start = starts.starts[1]  # from scratch: BatchNorm's statistics and counter are a fresh model's
+    assert torch.equal(start["bn1.running_mean"], torch.zeros(8))
+    assert torch.equal(start["bn1.running_var"], torch.ones(8)) and int(start["bn1.num_batches_tracked"]) == 0
+    replay = next(p for p in strategy.plugins if isinstance(p, ReplayPlugin))
+    buffer = replay.storage_policy.buffer.eval()
+    x = torch.stack([buffer[i][0] for i in range(len(buffer))])
+    with torch.no_grad():  # the commit's statistics: re-estimated on the buffer, as without a restart
+        means = torch.stack([model.conv1(xb).mean((0, 2, 3)) for xb in x.split(32)])
+    torch.testing.assert_close(model.bn1.running_mean, means.mean(0), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Avalanche's, re-emitted by pytest.warns
