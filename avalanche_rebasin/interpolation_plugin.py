@@ -42,7 +42,8 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         align_data: where the data-driven alignments and BatchNorm re-estimation read
             ``(x, y)`` batches: the replay ``buffer`` (needs a ``ReplayPlugin`` before this
             plugin), the ``experience``, or ``both``.
-        align_samples: at most this many samples are read (the first ones, eval transforms).
+        align_samples: at most this many samples are read, with eval transforms (all of a
+            source that fits; else a seeded uniform subset of it, buffer before experience).
         align_steps: the Sinkhorn alignments' step cap.
         bn_reestimate: re-estimate BatchNorm statistics of the committed network.
         restart: every experience after the first starts training from
@@ -191,8 +192,14 @@ def _alignment_batches(plugin: WeightInterpolationPlugin, strategy: Any) -> list
     if plugin.align_data in ("experience", "both"):
         sources.append(strategy.experience.dataset)
     batches, left = [], plugin.align_samples
+    generator = torch.Generator().manual_seed(1_000_003 * plugin.seed + plugin._experiences)
     for dataset in sources:
-        loader = DataLoader(dataset.eval(), batch_size=strategy.train_mb_size, shuffle=False)
+        dataset = dataset.eval()
+        if len(dataset) > left > 0:  # a seeded uniform subset, not the first (oldest) samples
+            dataset = dataset.subset(
+                torch.randperm(len(dataset), generator=generator)[:left].sort().values.tolist()
+            )
+        loader = DataLoader(dataset, batch_size=strategy.train_mb_size, shuffle=False)
         for batch in loader:
             if left <= 0:
                 break

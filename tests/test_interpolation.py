@@ -110,6 +110,34 @@ def test_batchnorm_is_reestimated_on_the_buffer_after_the_commit():
     torch.testing.assert_close(model.bn1.running_mean, means.mean(0), rtol=1e-4, atol=1e-5)
 
 
+def test_alignment_data_larger_than_align_samples_is_a_seeded_subset_of_the_whole_buffer(monkeypatch):
+    import avalanche_rebasin.interpolation_plugin as plugin_module
+
+    seen: list[torch.Tensor] = []
+
+    def spy(*args, data=(), **kwargs):
+        seen.append(torch.cat([y for _, y in data]))
+        return alignment_permutations(*args, data=data, **kwargs), 0.0
+
+    monkeypatch.setattr(plugin_module, "timed_alignment", spy)
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = _mlp()
+        strategy = InterpolationStrategy(
+            model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2), train_mb_size=16,
+            train_epochs=1, evaluator=_evaluator(), plugins=[ReplayPlugin(mem_size=120)],
+            alignment="activation_matching", align_samples=30, seed=4,
+        )  # fmt: skip
+        for exp in _benchmark().train_stream[:3]:
+            strategy.train(exp)
+    first, second, again, _ = seen[0], seen[1], seen[2], seen[3]
+    assert len(first) == len(second) == 30 and torch.equal(first, again)  # seeded
+    classes = _benchmark().train_stream[:2]  # the buffer after experience 2 holds both experiences
+    assert all(
+        bool(torch.isin(second, torch.tensor(list(e.classes_in_this_experience))).any()) for e in classes
+    )
+
+
 def test_frozen_parameters_stay_bit_identical():
     model = _mlp()
     model.features[0].weight.requires_grad_(False)
