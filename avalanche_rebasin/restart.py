@@ -3,7 +3,8 @@ initialisation, or a mix of the two.
 
     θ_start = (1 − r)·θ_old + r·θ_init
 
-with ``θ_init`` the model's own initialisation (every submodule's ``reset_parameters``)
+with ``θ_init`` the model's own initialisation (every submodule's ``reset_parameters``, or
+``_reset_parameters`` for torch's attention and transformer modules)
 drawn from a seeded generator. ``r = 0`` fine-tunes θ_old (the usual continual-learning
 start); ``r = 1`` trains from scratch; in between it is Ash & Adams' "shrink and perturb"
 (NeurIPS 2020) with the perturbation drawn from the initialisation. Starting away from
@@ -14,7 +15,7 @@ Torch only.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +31,7 @@ def fresh_initialisation(model: nn.Module, seed: int) -> dict[str, Tensor]:
     Raises ``ValueError`` when no submodule has ``reset_parameters`` (nothing to draw).
     """
     copy = private_copy(model)
-    resettable = [m for m in copy.modules() if callable(getattr(m, "reset_parameters", None))]
+    resettable = [reset for m in _children_first(copy) if (reset := _initialiser(m)) is not None]
     if not resettable:
         raise ValueError(
             f"{type(model).__name__} has no submodule with reset_parameters(), so there is no "
@@ -40,9 +41,26 @@ def fresh_initialisation(model: nn.Module, seed: int) -> dict[str, Tensor]:
     devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
-        for module in resettable:
-            module.reset_parameters()
+        for reset in resettable:
+            reset()
     return {k: v.detach().clone() for k, v in model_state(copy).items()}
+
+
+def _children_first(module: nn.Module) -> Iterator[nn.Module]:
+    """Submodules after their children, the order in which construction initialises them (a
+    parent's initialiser, like ``nn.Transformer``'s, overrides its children's)."""
+    for child in module.children():
+        yield from _children_first(child)
+    yield module
+
+
+def _initialiser(module: nn.Module) -> Callable[[], None] | None:
+    """``reset_parameters``, or torch's private ``_reset_parameters`` (``nn.MultiheadAttention``,
+    ``nn.Transformer``); None when it has neither."""
+    for name in ("reset_parameters", "_reset_parameters"):
+        if callable(getattr(module, name, None)):
+            return getattr(module, name)
+    return None
 
 
 def restart_state(

@@ -252,6 +252,23 @@ def test_fresh_initialisation_is_seeded_leaves_the_model_and_global_rng_alone():
         fresh_initialisation(torch.nn.Sequential(), 0)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True),
+        lambda: torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.MultiheadAttention(8, 2)),
+    ],
+)
+def test_fresh_initialisation_is_what_construction_under_the_seed_draws_attention_included(make):
+    torch.manual_seed(7)
+    constructed = make().state_dict()
+    torch.manual_seed(0)
+    fresh = fresh_initialisation(make(), seed=7)  # in_proj_weight comes from _reset_parameters
+    assert fresh.keys() == constructed.keys() and all(
+        torch.equal(fresh[k], v) for k, v in constructed.items()
+    )
+
+
 def test_restart_state_keeps_frozen_parameters_and_integer_buffers():
     previous = {"w": torch.zeros(2), "frozen": torch.zeros(2), "n": torch.tensor(4)}
     fresh = {"w": torch.ones(2), "frozen": torch.ones(2), "n": torch.tensor(0)}
