@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Mapping, Sized
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 import torch
@@ -33,9 +33,14 @@ def resolve_spec(model: nn.Module, spec: PermutationSpec | None, example_input: 
     return PermutationSpec.from_model(model, example_input)
 
 
-def check_finite(state: Mapping[str, Tensor], label: str) -> None:
+def check_finite(state: Mapping[str, Tensor], label: str, masks: Collection[str] = ()) -> None:
+    """Raise ``ValueError`` at the first NaN or infinity; in ``masks`` (buffers, where ``±inf``
+    marks masked positions) only at a NaN."""
     for name, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not tensor.is_floating_point():
+            continue
+        bad = torch.isnan(tensor).any() if name in masks else not torch.isfinite(tensor).all()
+        if bad:
             raise ValueError(
                 f"{label} has NaN or infinite values in '{name}'; re-basin needs finite weights "
                 "(check the training run that produced them)."
@@ -65,8 +70,9 @@ def check_compatible(model_a: nn.Module, model_b: nn.Module, spec: PermutationSp
     sb = {k: v for k, v in [*model_b.named_parameters(), *model_b.named_buffers()]}
     check_same_architecture(sa, sb)
     spec.validate(sa)
-    check_finite(sa, "model_a")
-    check_finite(sb, "model_b")
+    buffers = {k for k, _ in model_a.named_buffers()}
+    check_finite(sa, "model_a", buffers)
+    check_finite(sb, "model_b", buffers)
 
 
 def batch_stream(data: Iterable, name: str = "data") -> Iterator[Any]:

@@ -38,9 +38,18 @@ Cost = Callable[[State, State, Any], Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
+def mix(a: Tensor, b: Tensor, weight: float | Tensor) -> Tensor:
+    """``(1−w)·a + w·b``, keeping an infinite entry that both sides share (a mask's ``-inf``,
+    which the formula would turn into NaN)."""
+    out = torch.lerp(a, b, weight)
+    if not torch.isinf(a).any():
+        return out
+    return torch.where((a == b) & torch.isinf(a), a, out)
+
+
 def interpolate_state(a: State, b: State, lam: float | Tensor) -> dict[str, Tensor]:
-    """``(1−λ)·a + λ·b`` for floating tensors; integer buffers are taken from ``a``."""
-    return {k: torch.lerp(v, b[k], lam) if v.is_floating_point() else v for k, v in a.items()}
+    """``(1−λ)·a + λ·b`` for floating tensors (see :func:`mix`); integer buffers from ``a``."""
+    return {k: mix(v, b[k], lam) if v.is_floating_point() else v for k, v in a.items()}
 
 
 def functional_loss(model: nn.Module, state: State, batch: Any, loss_fn: LossFn) -> Tensor:

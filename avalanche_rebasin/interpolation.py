@@ -19,11 +19,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 
 from .align import align
-from .costs import functional_loss, interpolate_state
+from .costs import functional_loss, interpolate_state, mix
 from .matching import activation_matching, weight_matching
 from .permute import identity_permutation, permute_state, private_copy
 from .spec import PermutationSpec
@@ -107,7 +106,7 @@ def interpolated_state(
         if name in keep:
             out[name] = old[name].clone()
         elif value.is_floating_point():
-            out[name] = torch.lerp(old[name], value, alpha)
+            out[name] = mix(old[name], value, alpha)
         else:
             out[name] = value.clone()
     return out

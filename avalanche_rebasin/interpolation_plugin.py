@@ -17,14 +17,17 @@ import torch
 from avalanche.models import MultiTaskModule
 from avalanche.training.plugins import ReplayPlugin, SupervisedPlugin
 from avalanche.training.templates import SupervisedTemplate
+from avalanche.training.templates.base_sgd import PeriodicEval
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .checkpointing import optimizer_as_data, optimizer_from_data
 from .continual import _groups_touching
 from .interpolation import ALIGNMENTS, NEEDS_DATA, InterpolationReport, interpolated_state, timed_alignment
+from .interpolation_compat import check_interpolation_plugins, order_plugins
 from .lmc import reestimate_batchnorm
 from .permute import identity_permutation, load_state_, model_state, private_copy
-from .plugin import RebasinPlugin, _example_input
+from .plugin import _example_input
 from .restart import fresh_initialisation, restart_state
 from .spec import PermutationSpec
 
@@ -75,6 +78,7 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         self.spec, self.seed = spec, seed
         self.reports: list[InterpolationReport] = []
         self._previous: dict[str, torch.Tensor] | None = None
+        self._spec = PermutationSpec(group_sizes={}, axes={})
         self._experiences = 0
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
@@ -85,16 +89,29 @@ class WeightInterpolationPlugin(SupervisedPlugin):
                 "WeightInterpolationPlugin: multi-task models are not supported yet (task-aware alignment "
                 "data and heads are unverified); use a single-head model."
             )
+        self._spec = self._discover_spec(strategy, model)  # refuses an unsupported model before training
         self._previous = (
             {k: v.detach().clone() for k, v in model_state(model).items()} if self._experiences else None
         )
         if self._previous is not None and self.restart > 0:
             self._restart(model, self._previous)
 
+    def _discover_spec(self, strategy: Any, model: nn.Module) -> PermutationSpec:
+        """The given spec, else the model's; plain averaging (``"none"``) needs none and falls
+        back to the empty spec on a model discovery refuses."""
+        if self.spec is not None:
+            return self.spec
+        try:
+            return PermutationSpec.from_model(model, _example_input(strategy, model))
+        except ValueError:
+            if self.alignment != "none":
+                raise
+            return PermutationSpec(group_sizes={}, axes={})
+
     def _restart(self, model: nn.Module, previous: dict[str, torch.Tensor]) -> None:
         """Move the model to ``(1 − r)·θ_old + r·θ_init`` before it trains (in place)."""
         fresh = fresh_initialisation(model, seed=1_000_003 * self.seed + self._experiences)
-        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        frozen = _frozen(model)
         kept = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(fresh[n], p)]
         if kept:
             warnings.warn(
@@ -108,21 +125,25 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         self._experiences += 1
         if self._previous is None:
             return
-        model, previous = strategy.model, self._previous
+        model, previous, spec = strategy.model, self._previous, self._spec
         self._previous = None
-        spec = self.spec or PermutationSpec.from_model(model, _example_input(strategy, model))
         data = _alignment_batches(self, strategy) if self._needs_data(model) else []
-        old = load_state_(private_copy(model), previous)
+        old, new = (
+            _without_dropout(load_state_(private_copy(model), previous)),
+            _without_dropout(private_copy(model)),
+        )
         perms, seconds = timed_alignment(
-            old, model, spec, self.alignment, data=data, alpha=self.alpha, steps=self.align_steps,
+            old, new, spec, self.alignment, data=data, alpha=self.alpha, steps=self.align_steps,
             seed=self.seed, loss_fn=_loss(strategy),
         )  # fmt: skip
-        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        frozen = _frozen(model)
         identity = identity_permutation(spec, device=next(iter(perms.values())).device if perms else None)
         perms = {g: identity[g] if g in _groups_touching(spec, frozen) else p for g, p in perms.items()}
         load_state_(model, interpolated_state(previous, model_state(model), spec, perms, self.alpha, frozen))
-        if self.bn_reestimate and data:
+        if self.bn_reestimate and data and 0 < self.alpha < 1:  # the ends are the networks themselves
             reestimate_batchnorm(model, [x for x, _ in data])
+            load_state_(model, {k: v for k, v in previous.items() if k in frozen})
+        _evaluate_the_commit(strategy)
         moved = sum(int((p != identity[g]).sum()) for g, p in perms.items())
         self.reports.append(
             InterpolationReport(
@@ -161,14 +182,11 @@ def _check_settings(
 
 
 def _check_composition(plugin: WeightInterpolationPlugin, strategy: Any) -> None:
-    """Refuse what would be silently wrong: a second commit (Re-basin's) or a buffer updated
+    """Refuse what would be silently wrong: a second commit, a plugin that resets the model or
+    snapshots it before the commit (see :mod:`.interpolation_compat`), or a buffer updated
     after this plugin read it."""
     plugins = list(strategy.plugins)
-    if any(isinstance(p, RebasinPlugin) for p in plugins):
-        raise ValueError(
-            "WeightInterpolationPlugin cannot be combined with RebasinPlugin: both rewrite the model "
-            "after every experience, and the second would undo the first's formula. Use one of them."
-        )
+    check_interpolation_plugins(plugins, plugin)
     replays = [i for i, p in enumerate(plugins) if isinstance(p, ReplayPlugin)]
     at = plugins.index(plugin)
     if plugin.align_data in ("buffer", "both") and not replays:
@@ -206,7 +224,43 @@ def _alignment_batches(plugin: WeightInterpolationPlugin, strategy: Any) -> list
             x, y = batch[0][:left].to(strategy.device), batch[1][:left].to(strategy.device)
             batches.append((x, y))
             left -= len(y)
+    if len(batches) > 1 and len(batches[-1][1]) == 1:  # BatchNorm cannot read a batch of one
+        (x0, y0), (x1, y1) = batches[-2:]
+        batches[-2:] = [(torch.cat([x0, x1]), torch.cat([y0, y1]))]
     return batches
+
+
+def _frozen(model: nn.Module) -> set[str]:
+    """Names of the frozen parameters (``requires_grad=False``), and of the statistics of every
+    normalisation layer whose parameters are all frozen: a frozen block keeps θ_old's."""
+    names = {n for n, p in model.named_parameters() if not p.requires_grad}
+    for path, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if (
+            isinstance(module, nn.modules.batchnorm._NormBase)
+            and own
+            and all(not p.requires_grad for _, p in own)
+        ):
+            prefix = f"{path}." if path else ""
+            names |= {prefix + n for n, _ in module.named_buffers(recurse=False)}
+    return names
+
+
+def _without_dropout(model: nn.Module) -> nn.Module:
+    """``model`` (a private copy) with its dropout layers in eval mode: the alignment's
+    activations and task loss are then deterministic, and the global generator untouched."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.eval()
+    return model
+
+
+def _evaluate_the_commit(strategy: Any) -> None:
+    """Make Avalanche's periodic evaluation run its end-of-experience pass on the committed
+    model: it skips that pass when the last epoch was just evaluated, before the commit."""
+    for plugin in strategy.plugins:
+        if isinstance(plugin, PeriodicEval):
+            plugin.do_final = plugin.eval_every >= 0
 
 
 def _loss(strategy: Any):
@@ -215,8 +269,9 @@ def _loss(strategy: Any):
 
 
 class InterpolationStrategy(SupervisedTemplate):
-    """A supervised template plus :class:`WeightInterpolationPlugin` (placed after the given
-    plugins, so a ``ReplayPlugin``'s buffer is up to date when it is read).
+    """A supervised template plus :class:`WeightInterpolationPlugin`, placed after the given
+    plugins (a ``ReplayPlugin``'s buffer is then up to date when it is read) except LwF and
+    EWC, which move after it so that they keep the committed model.
 
     Args:
         model, optimizer: as for any Avalanche strategy.
@@ -247,5 +302,13 @@ class InterpolationStrategy(SupervisedTemplate):
             alpha=alpha, alignment=alignment, align_data=align_data, align_samples=align_samples,
             align_steps=align_steps, bn_reestimate=bn_reestimate, restart=restart, spec=spec, seed=seed,
         )  # fmt: skip
-        plugins = [*(plugins or []), self.interpolation]
+        plugins = order_plugins(plugins or [], self.interpolation)
         super().__init__(model=model, optimizer=optimizer, plugins=plugins, **base_kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:  # Avalanche's save_checkpoint, between experiences
+        if self.interpolation._previous is not None:
+            raise RuntimeError("InterpolationStrategy cannot be checkpointed in the middle of an experience.")
+        return optimizer_as_data(self.__dict__, self.model)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(optimizer_from_data(state, state["model"]))

@@ -23,6 +23,7 @@ exactly), later sweeps a random order, until a full sweep improves nothing.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -246,38 +247,66 @@ def activation_matching(
 
     For each group, ``S_g = Σ_m corr(act_A^m, act_B^m)`` over the modules ``m`` whose
     outputs carry the group (a residual stream sums its layers); the permutation is the
-    linear assignment on ``S_g``. Runs on copies in eval mode; neither model changes.
+    linear assignment on ``S_g``. Runs on copies in eval mode; neither model changes. A
+    group whose units no module output shows (a layer whose weights its parent uses
+    directly, as attention's ``out_proj``; units split by a ``chunk``) stays the identity,
+    with a warning naming it: use weight matching or Sinkhorn for those.
     """
     spec = resolve_spec(model_a, spec, example_input)
     check_compatible(model_a, model_b, spec)
     copies = [private_copy(model_a).eval(), private_copy(model_b).eval()]
     producers = _producers(copies[0], spec)
+    sizes = {p: spec.group_sizes[g] for g, paths in producers.items() for p in paths}
+    stats = _correlate(copies, sizes, itertools.islice(data, max_batches))
+    perms = identity_permutation(spec)
+    unseen = []
+    for group in spec.group_sizes:
+        seen = [stats[p] for p in producers.get(group, []) if stats[p].n]
+        if not seen:
+            unseen.append(group)
+            continue
+        perms[group] = blocked_hard_permutation(sum(s.correlation() for s in seen), spec.blocks(group))
+    if unseen:
+        warnings.warn(
+            f"activation_matching: no module output carries the units of {len(unseen)} group(s), which "
+            f"stay the identity: {unseen[:5]}; weight_matching or align() permutes them.",
+            stacklevel=3,  # the caller, past torch.no_grad's wrapper
+        )
+    return perms
+
+
+def _correlate(
+    copies: Sequence[nn.Module], sizes: Mapping[str, int], data: Iterable
+) -> dict[str, _CorrelationStats]:
+    """Correlation statistics of the two models' outputs at every module path in ``sizes``
+    whose output is a tensor with that many units (a path never called, or whose output
+    does not carry the units — the model's own logits — gathers none)."""
     captured: list[dict[str, Tensor]] = [{}, {}]
     handles = []
     for side, model in enumerate(copies):
         modules = dict(model.named_modules())
-        for path in {p for paths in producers.values() for p in paths}:
+        for path, size in sizes.items():
 
-            def hook(module, _inputs, output, side=side, path=path):
-                captured[side][path] = _units(output, module)
+            def hook(module, _inputs, output, side=side, path=path, size=size):
+                units = _units(output, module) if isinstance(output, Tensor) and output.dim() >= 2 else None
+                if units is not None and units.shape[-1] == size:
+                    captured[side][path] = units
 
             handles.append(modules[path].register_forward_hook(hook))
-    stats = {path: _CorrelationStats() for paths in producers.values() for path in paths}
+    stats = {path: _CorrelationStats() for path in sizes}
     try:
-        for batch in itertools.islice(data, max_batches):
+        for batch in data:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            for model in copies:
+            for side, model in enumerate(copies):
+                captured[side].clear()
                 model(x)
             for path, stat in stats.items():
-                stat.update(captured[0][path], captured[1][path])
+                if path in captured[0] and path in captured[1]:
+                    stat.update(captured[0][path], captured[1][path])
     finally:
         for handle in handles:
             handle.remove()
-    perms = identity_permutation(spec)
-    for group, paths in producers.items():
-        similarity = sum(stats[p].correlation() for p in paths)
-        perms[group] = blocked_hard_permutation(similarity, spec.blocks(group))
-    return perms
+    return stats
 
 
 def straight_through(

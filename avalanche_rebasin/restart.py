@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from .costs import mix
 from .permute import model_state, private_copy
 
 __all__ = ["fresh_initialisation", "restart_state"]
@@ -75,7 +76,7 @@ def restart_state(
         if k in frozen:
             out[k] = v.clone()
         elif v.is_floating_point():
-            out[k] = torch.lerp(v, fresh[k], r)
+            out[k] = mix(v, fresh[k], r)
         else:
             out[k] = (fresh[k] if r > 0.5 else v).clone()
     return out

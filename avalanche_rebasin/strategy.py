@@ -7,16 +7,19 @@ Built the way Avalanche builds EWC or LwF (template + plugin). The method itself
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
+from .checkpointing import (
+    _OptimizerSnapshot,  # noqa: F401  (checkpoints pickled before it moved)
+    optimizer_as_data,
+    optimizer_from_data,
+)
 from .continual import ExperienceReport
 from .continual_config import PRESETS, RebasinConfig
 from .plugin import RebasinPlugin, arrange_plugins
@@ -123,14 +126,10 @@ class RebasinStrategy(SupervisedTemplate):
     def __getstate__(self) -> dict[str, Any]:
         if self.rebasin.active:
             raise RuntimeError("RebasinStrategy cannot be checkpointed in the middle of an experience.")
-        state = self.__dict__.copy()
-        state["optimizer"] = _OptimizerSnapshot.take(self.optimizer, self.model)
-        return state
+        return optimizer_as_data(self.__dict__, self.model)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        if isinstance(self.optimizer, _OptimizerSnapshot):
-            self.optimizer = self.optimizer.restore(self.model)
+        self.__dict__.update(optimizer_from_data(state, state["model"]))
 
 
 def _declare_config_keywords(cls: type) -> None:
@@ -146,41 +145,3 @@ def _declare_config_keywords(cls: type) -> None:
 
 
 _declare_config_keywords(RebasinStrategy)
-
-
-@dataclass
-class _OptimizerSnapshot:
-    """A torch optimiser as plain data: class path, groups and state by parameter name.
-
-    dill 0.4 pickles torch's optimiser classes by value and fails, which breaks Avalanche's
-    ``save_checkpoint``; the strategy pickles its optimiser through this snapshot.
-    Parameters the model no longer has (a head replaced by a grown one) are dropped.
-    """
-
-    class_path: str
-    groups: list[dict[str, Any]]
-    state: dict[str, Any]
-
-    @classmethod
-    def take(cls, optimizer: torch.optim.Optimizer, model: nn.Module) -> _OptimizerSnapshot:
-        names = {id(p): n for n, p in model.named_parameters()}
-        groups = [
-            {
-                **{k: v for k, v in g.items() if k != "params"},
-                "params": [names[id(p)] for p in g["params"] if id(p) in names],
-            }
-            for g in optimizer.param_groups
-        ]
-        state = {names[id(p)]: s for p, s in optimizer.state.items() if id(p) in names}
-        path = f"{type(optimizer).__module__}:{type(optimizer).__qualname__}"
-        return cls(path, groups, state)
-
-    def restore(self, model: nn.Module) -> torch.optim.Optimizer:
-        module, _, name = self.class_path.partition(":")
-        optimizer_cls = getattr(importlib.import_module(module), name)
-        params = dict(model.named_parameters())
-        groups = [{**g, "params": [params[n] for n in g["params"]]} for g in self.groups]
-        optimizer = optimizer_cls(groups)
-        for n, s in self.state.items():
-            optimizer.state[params[n]] = s
-        return optimizer

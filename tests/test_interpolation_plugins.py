@@ -1,0 +1,252 @@
+"""Weight interpolation beside Avalanche's plugins and on models off the happy path: every
+composition either commits the documented formula or is refused before training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
+from avalanche.training.plugins import (
+    AGEMPlugin,
+    EarlyStoppingPlugin,
+    EWCPlugin,
+    GEMPlugin,
+    LRSchedulerPlugin,
+    LwFPlugin,
+    ReplayPlugin,
+)
+from test_interpolation import TrainedRecorder, _mlp, _run
+from test_strategy import N_CLASSES, _benchmark, _evaluator
+from torch import nn
+
+import avalanche_rebasin.interpolation_plugin as plugin_module
+from avalanche_rebasin import PermutationSpec, align, model_state
+from avalanche_rebasin.interpolation import alignment_permutations
+from avalanche_rebasin.interpolation_compat import AFTER_COMMIT
+from avalanche_rebasin.interpolation_plugin import InterpolationStrategy
+from avalanche_rebasin.restart import restart_state
+
+
+def _strategy(model, plugins=(), **settings):
+    settings = {"train_mb_size": 32, "train_epochs": 2, "eval_mb_size": 64, **settings}
+    return InterpolationStrategy(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        evaluator=_evaluator(), plugins=[ReplayPlugin(mem_size=60), *plugins], **settings,
+    )  # fmt: skip
+
+
+def test_lwf_and_ewc_move_after_the_commit_and_keep_the_committed_model():
+    torch.manual_seed(0)
+    model, ewc, lwf = _mlp(), EWCPlugin(ewc_lambda=1.0), LwFPlugin()
+    strategy = _strategy(model, [ewc, lwf], alignment="weight_matching", alpha=0.5, restart=1.0)
+    order = [type(p) for p in strategy.plugins]
+    assert all(order.index(type(strategy.interpolation)) < order.index(c) for c in AFTER_COMMIT)
+    for exp in _benchmark().train_stream[:2]:
+        strategy.train(exp)
+    assert strategy.interpolation.reports[-1].units_moved > 0  # the commit differs from the trained net
+    committed = model_state(model)
+    assert all(torch.equal(p.data, committed[k]) for k, p in ewc.saved_params[1].items())
+    x = torch.randn(16, 1, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(lwf.lwf.prev_model(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: GEMPlugin(patterns_per_experience=20, memory_strength=0.5),
+        lambda m: AGEMPlugin(patterns_per_experience=20, sample_size=20),
+        lambda m: EarlyStoppingPlugin(patience=1, val_stream_name="train_stream"),
+        lambda m: LRSchedulerPlugin(torch.optim.lr_scheduler.StepLR(m[1], step_size=1, gamma=0.5)),
+    ],
+)
+def test_supported_plugins_train_and_the_commit_is_still_the_formula(make):
+    torch.manual_seed(0)
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    recorder, alpha = TrainedRecorder(), 0.3
+    strategy = InterpolationStrategy(
+        model=model, optimizer=optimizer, train_mb_size=32, train_epochs=2, evaluator=_evaluator(),
+        plugins=[ReplayPlugin(mem_size=60), make((model, optimizer)), recorder], alignment="none",
+        alpha=alpha,
+    )  # fmt: skip
+    committed = []
+    for exp in _benchmark().train_stream[:2]:
+        strategy.train(exp)
+        committed.append({k: v.clone() for k, v in model_state(model).items()})
+    for name, old in committed[0].items():
+        expected = torch.lerp(old, recorder.trained[1][name], alpha)
+        torch.testing.assert_close(committed[1][name], expected, rtol=0, atol=1e-7)
+
+
+def test_periodic_evaluation_ends_on_the_committed_model():
+    torch.manual_seed(0)
+    model, bench = _mlp(), _benchmark()
+    strategy = _strategy(model, alignment="none", alpha=0.0, eval_every=1, train_epochs=1)
+    for exp in bench.train_stream[:2]:
+        strategy.train(exp, eval_streams=[bench.test_stream])
+    key = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
+    reported = strategy.evaluator.get_last_metrics()[key]  # Avalanche skips its own final pass here
+    assert reported == strategy.eval(bench.test_stream)[key]
+
+
+class Masked(nn.Module):
+    """An additive mask buffer holding -inf (class 0 is never predicted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, N_CLASSES)
+        self.register_buffer("mask", torch.tensor([float("-inf")] + [0.0] * (N_CLASSES - 1)))
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x.flatten(1)))) + self.mask
+
+
+@pytest.mark.parametrize("alignment", ["none", "weight_matching", "sinkhorn_mid"])
+def test_a_mask_buffer_of_minus_infinity_survives_the_commit_and_the_restart(alignment):
+    torch.manual_seed(0)
+    model = Masked()
+    strategy = _strategy(model, alignment=alignment, alpha=0.5, restart=0.5, align_steps=5)
+    for exp in _benchmark().train_stream[:2]:
+        strategy.train(exp)
+    assert torch.equal(model.mask, Masked().mask)
+    assert torch.isfinite(model(torch.randn(4, 1, 4, 4))[:, 1:]).all()
+    mixed = restart_state({"m": model.mask}, {"m": Masked().mask}, 0.3)["m"]
+    assert torch.equal(mixed, model.mask)
+
+
+def test_align_accepts_a_mask_buffer_and_still_refuses_a_non_finite_weight():
+    torch.manual_seed(0)
+    a, b = Masked(), Masked()
+    spec = PermutationSpec.from_model(a, torch.zeros(1, 16))
+    assert align(a, b, spec=spec, steps=3, progress=False).steps >= 0
+    with torch.no_grad():
+        b.fc1.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"model_b has NaN or infinite values in 'fc1\.weight'"):
+        align(a, b, spec=spec, steps=3, progress=False)
+
+
+class WithPReLU(nn.Module):
+    """Per-unit PReLU slopes: permutation discovery has no rule for them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.PReLU(32), nn.Linear(32, N_CLASSES))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_model_discovery_refuses_is_refused_before_the_first_experience_trains():
+    torch.manual_seed(0)
+    model = WithPReLU()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    strategy = _strategy(model, alignment="weight_matching")
+    with pytest.raises(ValueError, match="prelu"):
+        strategy.train(_benchmark().train_stream[0])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_plain_averaging_needs_no_permutation_spec():
+    torch.manual_seed(0)
+    model, recorder = WithPReLU(), TrainedRecorder()
+    strategy = _strategy(model, [recorder], alignment="none", alpha=0.5)
+    committed = []
+    for exp in _benchmark().train_stream[:2]:
+        strategy.train(exp)
+        committed.append({k: v.clone() for k, v in model_state(model).items()})
+    for name, old in committed[0].items():
+        torch.testing.assert_close(committed[1][name], torch.lerp(old, recorder.trained[1][name], 0.5))
+
+
+def _bn_mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, N_CLASSES)
+    )
+
+
+def test_batchnorm_reestimation_merges_a_last_batch_of_one_sample():
+    torch.manual_seed(0)
+    strategy = _strategy(_bn_mlp(), alignment="weight_matching", align_samples=33)
+    for exp in _benchmark().train_stream[:2]:
+        strategy.train(exp)
+    assert strategy.interpolation.reports[-1].align_samples == 33
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_alpha_at_the_ends_commits_that_network_batchnorm_statistics_included(alpha):
+    torch.manual_seed(0)
+    model = _bn_mlp()
+    _, recorder, committed, _ = _run(model, alignment="weight_matching", alpha=alpha)
+    end = committed[0] if alpha == 0.0 else recorder.trained[1]
+    reference = _bn_mlp()
+    reference.load_state_dict(end)
+    x = torch.randn(32, 1, 4, 4)
+    for mode in ("eval", "train"):
+        getattr(model, mode)(), getattr(reference, mode)()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-5)
+
+
+def test_the_alignment_reads_the_networks_without_dropout_and_leaves_the_model_alone(monkeypatch):
+    modes: list[bool] = []
+
+    def spy(old, new, *args, **kwargs):
+        modes.extend(m.training for net in (old, new) for m in net.modules() if isinstance(m, nn.Dropout))
+        return alignment_permutations(old, new, *args, **kwargs), 0.0
+
+    monkeypatch.setattr(plugin_module, "timed_alignment", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, N_CLASSES)
+    )
+    strategy = _strategy(model, alignment="sinkhorn_mid", align_steps=5)
+    for exp in _benchmark().train_stream[:2]:
+        strategy.train(exp)
+    assert modes == [False, False] and model[3].training  # the user's module keeps its mode
+
+
+def test_checkpoint_between_experiences_resumes_bit_identically(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        return _strategy(_mlp(), alignment="weight_matching", restart=0.5, seed=2, train_epochs=1)
+
+    bench, path = _benchmark(), str(tmp_path / "ckpt.pkl")
+    strategy = make()
+    strategy.train(bench.train_stream[0])
+    save_checkpoint(strategy, path)
+    for i, exp in enumerate(bench.train_stream[1:], 1):
+        torch.manual_seed(100 + i)
+        strategy.train(exp)
+    resumed, start = maybe_load_checkpoint(make(), path)
+    assert start == 1
+    for i, exp in enumerate(bench.train_stream[1:], 1):
+        torch.manual_seed(100 + i)
+        resumed.train(exp)
+    expected, got = model_state(strategy.model), model_state(resumed.model)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert len(resumed.interpolation.reports) == 2
+
+
+def test_a_frozen_batchnorm_keeps_its_statistics_through_commit_reestimation_and_restart():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(),  # a frozen "pretrained" block
+        nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, N_CLASSES),
+    )  # fmt: skip
+    for p in [*model[1].parameters(), *model[2].parameters()]:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        model[2].running_mean.uniform_(-1, 1)
+    strategy, (first, second) = (
+        _strategy(model, alignment="weight_matching", alpha=0.5, restart=0.5),
+        _benchmark().train_stream[:2],
+    )
+    strategy.train(first)  # training in train mode updates its statistics (Avalanche's doing, no commit yet)
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    strategy.train(second)
+    after = model.state_dict()
+    assert all(torch.equal(old[k], after[k]) for k in old if k.startswith(("1.", "2.")))  # θ_old's
+    assert not torch.equal(
+        old["5.running_mean"], after["5.running_mean"]
+    )  # the trainable block's: re-estimated
