@@ -15,26 +15,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from avalanche.training import plugins as P
-from avalanche.training.plugins.clock import Clock
 from avalanche.training.templates.base_sgd import PeriodicEval
 
 from .plugin import RebasinPlugin
+from .plugin_compat import SUPPORTED_PLUGINS
 
 __all__ = ["AFTER_COMMIT", "SUPPORTED_WITH_INTERPOLATION", "check_interpolation_plugins", "order_plugins"]
 
-#: Plugins tested with weight interpolation (tests/test_interpolation_plugins.py).
-SUPPORTED_WITH_INTERPOLATION: tuple[type, ...] = (
-    P.ReplayPlugin,
-    P.LwFPlugin,
-    P.EWCPlugin,
-    P.GEMPlugin,
-    P.AGEMPlugin,
-    P.EarlyStoppingPlugin,
-    P.LRSchedulerPlugin,
-    P.EvaluationPlugin,
-    Clock,
-    PeriodicEval,
-)
+#: Plugins tested with weight interpolation (tests/test_interpolation_plugins.py): those
+#: verified with Re-basin, and EWC (its anchor is the committed model).
+SUPPORTED_WITH_INTERPOLATION: tuple[type, ...] = (*SUPPORTED_PLUGINS, P.EWCPlugin)
 #: Plugins that snapshot the model after an experience: they must come after the commit.
 AFTER_COMMIT: tuple[type, ...] = (P.LwFPlugin, P.EWCPlugin)
 
