@@ -47,9 +47,14 @@ def mix(a: Tensor, b: Tensor, weight: float | Tensor) -> Tensor:
     return torch.where((a == b) & torch.isinf(a), a, out)
 
 
-def interpolate_state(a: State, b: State, lam: float | Tensor) -> dict[str, Tensor]:
-    """``(1−λ)·a + λ·b`` for floating tensors (see :func:`mix`); integer buffers from ``a``."""
-    return {k: mix(v, b[k], lam) if v.is_floating_point() else v for k, v in a.items()}
+def interpolate_state(a: State, b: State, lam: float | Tensor | Mapping[str, float]) -> dict[str, Tensor]:
+    """``(1−λ)·a + λ·b`` for floating tensors (see :func:`mix`; ``lam`` may map every tensor
+    name to its own λ); integer buffers from ``a``."""
+    per_tensor = isinstance(lam, Mapping)
+    return {
+        k: mix(v, b[k], lam[k] if per_tensor else lam) if v.is_floating_point() else v  # type: ignore[index]
+        for k, v in a.items()
+    }
 
 
 def functional_loss(model: nn.Module, state: State, batch: Any, loss_fn: LossFn) -> Tensor:

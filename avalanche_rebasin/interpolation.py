@@ -15,7 +15,7 @@ This module is torch only; the Avalanche plugin is :mod:`avalanche_rebasin.inter
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,7 +27,13 @@ from .matching import activation_matching, weight_matching
 from .permute import identity_permutation, permute_state, private_copy
 from .spec import PermutationSpec
 
-__all__ = ["ALIGNMENTS", "InterpolationReport", "alignment_permutations", "interpolated_state"]
+__all__ = [
+    "ALIGNMENTS",
+    "InterpolationReport",
+    "alignment_permutations",
+    "interpolated_state",
+    "tensor_alphas",
+]
 
 Alignment = Literal[
     "none", "weight_matching", "activation_matching", "sinkhorn_l2", "sinkhorn_mid", "sinkhorn_rnd"
@@ -56,7 +62,7 @@ def alignment_permutations(
     alignment: str,
     *,
     data: Sequence[Any] = (),
-    alpha: float = 0.5,
+    alpha: float | Mapping[str, float] = 0.5,
     steps: int = 100,
     seed: int = 0,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
@@ -95,20 +101,47 @@ def interpolated_state(
     new: Mapping[str, Tensor],
     spec: PermutationSpec,
     perms: Mapping[str, Tensor],
-    alpha: float,
+    alpha: float | Mapping[str, float],
     keep: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> dict[str, Tensor]:
-    """``(1 − α)·old + α·π(new)`` for floating tensors; integer buffers (BatchNorm counters)
-    from ``new``; the tensors in ``keep`` (frozen parameters) from ``old``, unchanged."""
+    """``(1 − α)·old + α·π(new)`` for floating tensors (``alpha`` a number, or one per tensor
+    name); integer buffers (BatchNorm counters) from ``new``; the tensors in ``keep``
+    (frozen parameters) from ``old``, unchanged."""
     permuted = permute_state(new, spec, perms)
     out = {}
     for name, value in permuted.items():
         if name in keep:
             out[name] = old[name].clone()
         elif value.is_floating_point():
-            out[name] = mix(old[name], value, alpha)
+            out[name] = mix(old[name], value, alpha[name] if isinstance(alpha, Mapping) else alpha)
         else:
             out[name] = value.clone()
+    return out
+
+
+def tensor_alphas(
+    names: Iterable[str], alpha: float, layer_alpha: Mapping[str, float] | None
+) -> float | dict[str, float]:
+    """``alpha``, or with ``layer_alpha`` (module path → α) one α per tensor name: that of the
+    longest path the tensor lies under, else ``alpha``. Raises ``ValueError`` naming a path
+    no tensor lies under."""
+    if not layer_alpha:
+        return alpha
+    names = list(names)
+
+    def under(name: str, path: str) -> bool:
+        return path == "" or name == path or name.startswith(path + ".")
+
+    missing = [p for p in layer_alpha if not any(under(n, p) for n in names)]
+    if missing:
+        modules = sorted({n.rsplit(".", 1)[0] for n in names if "." in n})
+        raise ValueError(
+            f"layer_alpha: no parameter or buffer lies under {missing}; module paths: {modules[:8]}"
+        )
+    out = {}
+    for name in names:
+        paths = [p for p in layer_alpha if under(name, p)]
+        out[name] = float(layer_alpha[max(paths, key=len)]) if paths else alpha
     return out
 
 

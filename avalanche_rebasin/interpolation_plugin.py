@@ -10,7 +10,7 @@ re-estimates BatchNorm statistics on the alignment data (see
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +23,14 @@ from torch.utils.data import DataLoader
 
 from .checkpointing import optimizer_as_data, optimizer_from_data
 from .continual import _groups_touching
-from .interpolation import ALIGNMENTS, NEEDS_DATA, InterpolationReport, interpolated_state, timed_alignment
+from .interpolation import (
+    ALIGNMENTS,
+    NEEDS_DATA,
+    InterpolationReport,
+    interpolated_state,
+    tensor_alphas,
+    timed_alignment,
+)
 from .interpolation_compat import check_interpolation_plugins, order_plugins
 from .lmc import reestimate_batchnorm
 from .permute import identity_permutation, load_state_, model_state, private_copy
@@ -41,6 +48,8 @@ class WeightInterpolationPlugin(SupervisedPlugin):
 
     Args:
         alpha: weight of the trained network, in [0, 1] (1: keep what was trained).
+        layer_alpha: module path → its own α (e.g. ``{"classifier": 1.0}``: the head from the
+            trained network, the rest interpolated); the longest matching path wins.
         alignment: one of :data:`~avalanche_rebasin.interpolation.ALIGNMENTS`.
         align_data: where the data-driven alignments and BatchNorm re-estimation read
             ``(x, y)`` batches: the replay ``buffer`` (needs a ``ReplayPlugin`` before this
@@ -60,6 +69,7 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         self,
         *,
         alpha: float = 0.5,
+        layer_alpha: Mapping[str, float] | None = None,
         alignment: str = "weight_matching",
         align_data: str = "buffer",
         align_samples: int = 1000,
@@ -71,55 +81,31 @@ class WeightInterpolationPlugin(SupervisedPlugin):
     ) -> None:
         super().__init__()
         _check_settings(alpha, alignment, align_data, align_samples, align_steps, bn_reestimate, seed)
-        _check_fraction("restart", restart)
-        self.restart = float(restart)
+        for name, value in (
+            ("restart", restart),
+            *((f"layer_alpha[{k!r}]", v) for k, v in (layer_alpha or {}).items()),
+        ):
+            _check_fraction(name, value)
+        self.restart, self.layer_alpha = float(restart), dict(layer_alpha or {})
         self.alpha, self.alignment, self.align_data = float(alpha), alignment, align_data
         self.align_samples, self.align_steps, self.bn_reestimate = align_samples, align_steps, bn_reestimate
         self.spec, self.seed = spec, seed
         self.reports: list[InterpolationReport] = []
         self._previous: dict[str, torch.Tensor] | None = None
         self._spec = PermutationSpec(group_sizes={}, axes={})
+        self._alphas: float | dict[str, float] = float(alpha)
         self._experiences = 0
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         _check_composition(self, strategy)
         model = strategy.model
-        if isinstance(model, MultiTaskModule):
-            raise ValueError(
-                "WeightInterpolationPlugin: multi-task models are not supported yet (task-aware alignment "
-                "data and heads are unverified); use a single-head model."
-            )
-        self._spec = self._discover_spec(strategy, model)  # refuses an unsupported model before training
+        self._spec = _discover_spec(self, strategy, model)  # refuses an unsupported model before training
+        self._alphas = tensor_alphas(model_state(model), self.alpha, self.layer_alpha)
         self._previous = (
             {k: v.detach().clone() for k, v in model_state(model).items()} if self._experiences else None
         )
         if self._previous is not None and self.restart > 0:
-            self._restart(model, self._previous)
-
-    def _discover_spec(self, strategy: Any, model: nn.Module) -> PermutationSpec:
-        """The given spec, else the model's; plain averaging (``"none"``) needs none and falls
-        back to the empty spec on a model discovery refuses."""
-        if self.spec is not None:
-            return self.spec
-        try:
-            return PermutationSpec.from_model(model, _example_input(strategy, model))
-        except ValueError:
-            if self.alignment != "none":
-                raise
-            return PermutationSpec(group_sizes={}, axes={})
-
-    def _restart(self, model: nn.Module, previous: dict[str, torch.Tensor]) -> None:
-        """Move the model to ``(1 − r)·θ_old + r·θ_init`` before it trains (in place)."""
-        fresh = fresh_initialisation(model, seed=1_000_003 * self.seed + self._experiences)
-        frozen = _frozen(model)
-        kept = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(fresh[n], p)]
-        if kept:
-            warnings.warn(
-                f"WeightInterpolationPlugin(restart={self.restart}): {len(kept)} trainable parameter(s) "
-                f"have no reset_parameters() in their module and keep their previous values: {kept[:3]}",
-                stacklevel=2,
-            )
-        load_state_(model, restart_state(previous, fresh, self.restart, frozen))
+            _restart(self, model, self._previous)
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self._experiences += 1
@@ -133,14 +119,16 @@ class WeightInterpolationPlugin(SupervisedPlugin):
             _without_dropout(private_copy(model)),
         )
         perms, seconds = timed_alignment(
-            old, new, spec, self.alignment, data=data, alpha=self.alpha, steps=self.align_steps,
+            old, new, spec, self.alignment, data=data, alpha=self._alphas, steps=self.align_steps,
             seed=self.seed, loss_fn=_loss(strategy),
         )  # fmt: skip
         frozen = _frozen(model)
         identity = identity_permutation(spec, device=next(iter(perms.values())).device if perms else None)
         perms = {g: identity[g] if g in _groups_touching(spec, frozen) else p for g, p in perms.items()}
-        load_state_(model, interpolated_state(previous, model_state(model), spec, perms, self.alpha, frozen))
-        if self.bn_reestimate and data and 0 < self.alpha < 1:  # the ends are the networks themselves
+        load_state_(
+            model, interpolated_state(previous, model_state(model), spec, perms, self._alphas, frozen)
+        )
+        if self.bn_reestimate and data and not _at_an_end(self._alphas):
             reestimate_batchnorm(model, [x for x, _ in data])
             load_state_(model, {k: v for k, v in previous.items() if k in frozen})
         _evaluate_the_commit(strategy)
@@ -155,6 +143,32 @@ class WeightInterpolationPlugin(SupervisedPlugin):
     def _needs_data(self, model: nn.Module) -> bool:
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         return self.alignment in NEEDS_DATA or (self.bn_reestimate and has_bn)
+
+
+def _discover_spec(plugin: WeightInterpolationPlugin, strategy: Any, model: nn.Module) -> PermutationSpec:
+    """The given spec, else the model's; plain averaging (``"none"``) needs none and falls
+    back to the empty spec on a model discovery refuses."""
+    if plugin.spec is not None:
+        return plugin.spec
+    try:
+        return PermutationSpec.from_model(model, _example_input(strategy, model))
+    except ValueError:
+        if plugin.alignment != "none":
+            raise
+        return PermutationSpec(group_sizes={}, axes={})
+
+
+def _restart(plugin: WeightInterpolationPlugin, model: nn.Module, previous: dict[str, torch.Tensor]) -> None:
+    """Move the model to ``(1 − r)·θ_old + r·θ_init`` before it trains (in place)."""
+    fresh = fresh_initialisation(model, seed=1_000_003 * plugin.seed + plugin._experiences)
+    kept = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(fresh[n], p)]
+    if kept:
+        warnings.warn(
+            f"WeightInterpolationPlugin(restart={plugin.restart}): {len(kept)} trainable parameter(s) "
+            f"have no reset_parameters() in their module and keep their previous values: {kept[:3]}",
+            stacklevel=3,
+        )
+    load_state_(model, restart_state(previous, fresh, plugin.restart, _frozen(model)))
 
 
 def _check_fraction(name: str, value: Any) -> None:
@@ -185,6 +199,11 @@ def _check_composition(plugin: WeightInterpolationPlugin, strategy: Any) -> None
     """Refuse what would be silently wrong: a second commit, a plugin that resets the model or
     snapshots it before the commit (see :mod:`.interpolation_compat`), or a buffer updated
     after this plugin read it."""
+    if isinstance(strategy.model, MultiTaskModule):
+        raise ValueError(
+            "WeightInterpolationPlugin: multi-task models are not supported yet (task-aware alignment "
+            "data and heads are unverified); use a single-head model."
+        )
     plugins = list(strategy.plugins)
     check_interpolation_plugins(plugins, plugin)
     replays = [i for i, p in enumerate(plugins) if isinstance(p, ReplayPlugin)]
@@ -228,6 +247,13 @@ def _alignment_batches(plugin: WeightInterpolationPlugin, strategy: Any) -> list
         (x0, y0), (x1, y1) = batches[-2:]
         batches[-2:] = [(torch.cat([x0, x1]), torch.cat([y0, y1]))]
     return batches
+
+
+def _at_an_end(alphas: float | Mapping[str, float]) -> bool:
+    """Every tensor at α = 0 or every one at α = 1: the commit is that network itself,
+    BatchNorm statistics included, so they are not re-estimated."""
+    values = set(alphas.values()) if isinstance(alphas, Mapping) else {alphas}
+    return values <= {0.0} or values <= {1.0}
 
 
 def _frozen(model: nn.Module) -> set[str]:
@@ -275,8 +301,8 @@ class InterpolationStrategy(SupervisedTemplate):
 
     Args:
         model, optimizer: as for any Avalanche strategy.
-        alpha, alignment, align_data, align_samples, align_steps, bn_reestimate, restart, spec,
-            seed: see :class:`WeightInterpolationPlugin`.
+        alpha, layer_alpha, alignment, align_data, align_samples, align_steps, bn_reestimate,
+            restart, spec, seed: see :class:`WeightInterpolationPlugin`.
         plugins: other Avalanche plugins (a ``ReplayPlugin`` for ``align_data="buffer"``).
         **base_kwargs: everything ``SupervisedTemplate`` accepts.
     """
@@ -287,6 +313,7 @@ class InterpolationStrategy(SupervisedTemplate):
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         alpha: float = 0.5,
+        layer_alpha: Mapping[str, float] | None = None,
         alignment: str = "weight_matching",
         align_data: str = "buffer",
         align_samples: int = 1000,
@@ -299,8 +326,9 @@ class InterpolationStrategy(SupervisedTemplate):
         **base_kwargs: Any,
     ) -> None:
         self.interpolation = WeightInterpolationPlugin(
-            alpha=alpha, alignment=alignment, align_data=align_data, align_samples=align_samples,
-            align_steps=align_steps, bn_reestimate=bn_reestimate, restart=restart, spec=spec, seed=seed,
+            alpha=alpha, layer_alpha=layer_alpha, alignment=alignment, align_data=align_data,
+            align_samples=align_samples, align_steps=align_steps, bn_reestimate=bn_reestimate,
+            restart=restart, spec=spec, seed=seed,
         )  # fmt: skip
         plugins = order_plugins(plugins or [], self.interpolation)
         super().__init__(model=model, optimizer=optimizer, plugins=plugins, **base_kwargs)

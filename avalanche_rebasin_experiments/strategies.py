@@ -119,12 +119,16 @@ def _rebasin(name: str) -> Callable[[Context, dict[str, Any]], SupervisedTemplat
 
 
 INTERPOLATION_SETTINGS = ("alpha", "alignment", "align_data", "align_samples", "align_steps", "bn_reestimate")
-INTERPOLATION_SETTINGS += ("restart", "mem_size")
+INTERPOLATION_SETTINGS += ("restart", "head_alpha", "mem_size")
 
 
 def _interpolation(ctx: Context, kw: dict[str, Any]) -> SupervisedTemplate:
-    """Replay, then align the trained network to the previous weights and interpolate."""
+    """Replay, then align the trained network to the previous weights and interpolate;
+    ``head_alpha`` is the output layer's own α (the model's last ``nn.Linear``)."""
     replay = ctx.replay(kw.pop("mem_size", None))
+    if "head_alpha" in kw:
+        head = [name for name, m in ctx.model.named_modules() if isinstance(m, nn.Linear)][-1]
+        kw["layer_alpha"] = {head: kw.pop("head_alpha")}
     return InterpolationStrategy(
         model=ctx.model, optimizer=ctx.optimizer, plugins=[replay], seed=ctx.seed, **kw, **ctx.common
     )

@@ -102,6 +102,7 @@ def _refused(argv: list[str], tmp_path: Path, capsys) -> str:
         ("replay+mem_size=2.5", "mem_size must be an integer >= 1, got 2.5"),
         ("lwf+alpha=abc", "alpha must be a finite number >= 0, got 'abc'"),
         ("ewc-tuned+ewc_lambda=-1", "ewc_lambda must be a finite number >= 0"),
+        ("interp+head_alpha=2", "layer_alpha['classifier'] must be a number in [0, 1], got 2"),
     ],
 )
 def test_bad_strategy_tokens_are_refused_before_any_strategy_runs(

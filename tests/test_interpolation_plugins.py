@@ -250,3 +250,39 @@ def test_a_frozen_batchnorm_keeps_its_statistics_through_commit_reestimation_and
     assert not torch.equal(
         old["5.running_mean"], after["5.running_mean"]
     )  # the trainable block's: re-estimated
+
+
+def test_tensor_alphas_take_the_longest_matching_module_path():
+    from avalanche_rebasin.interpolation import tensor_alphas
+
+    names = ["features.0.weight", "features.0.bias", "features.10.weight", "classifier.weight"]
+    alphas = tensor_alphas(names, 0.3, {"features": 0.6, "features.0": 0.9})
+    assert alphas == {
+        "features.0.weight": 0.9, "features.0.bias": 0.9, "features.10.weight": 0.6, "classifier.weight": 0.3,
+    }  # fmt: skip
+    assert tensor_alphas(names, 0.3, None) == 0.3
+    with pytest.raises(ValueError, match=r"no parameter or buffer lies under \['head'\]"):
+        tensor_alphas(names, 0.3, {"head": 1.0})
+
+
+def test_layer_alpha_takes_the_head_from_the_trained_network_and_interpolates_the_rest():
+    torch.manual_seed(0)
+    model, recorder = _mlp(), TrainedRecorder()
+    strategy = _strategy(model, [recorder], alignment="none", alpha=0.3, layer_alpha={"classifier": 1.0})
+    committed = []
+    for exp in _benchmark().train_stream[:2]:
+        strategy.train(exp)
+        committed.append({k: v.clone() for k, v in model_state(model).items()})
+    for name, old in committed[0].items():
+        weight = 1.0 if name.startswith("classifier.") else 0.3
+        expected = torch.lerp(old, recorder.trained[1][name], weight)
+        torch.testing.assert_close(committed[1][name], expected, rtol=0, atol=1e-7)
+
+
+def test_a_layer_alpha_path_the_model_lacks_is_refused_before_training():
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    strategy = _strategy(model, alignment="none", layer_alpha={"head": 1.0})
+    with pytest.raises(ValueError, match="no parameter or buffer lies under"):
+        strategy.train(_benchmark().train_stream[0])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
