@@ -39,11 +39,12 @@ def check_finite(state: Mapping[str, Tensor], label: str, masks: Collection[str]
     for name, tensor in state.items():
         if not tensor.is_floating_point():
             continue
-        bad = torch.isnan(tensor).any() if name in masks else not torch.isfinite(tensor).all()
-        if bad:
+        mask = name in masks
+        if torch.isnan(tensor).any() if mask else not torch.isfinite(tensor).all():
+            what = "NaN values" if mask else "NaN or infinite values"
             raise ValueError(
-                f"{label} has NaN or infinite values in '{name}'; re-basin needs finite weights "
-                "(check the training run that produced them)."
+                f"{label} has {what} in '{name}'; re-basin needs finite weights (check the training "
+                "run that produced them)."
             )
 
 

@@ -39,12 +39,13 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def mix(a: Tensor, b: Tensor, weight: float | Tensor) -> Tensor:
-    """``(1−w)·a + w·b``, keeping an infinite entry that both sides share (a mask's ``-inf``,
-    which the formula would turn into NaN)."""
+    """``(1−w)·a + w·b``. Where an infinite entry would make the formula NaN (a mask's
+    ``-inf`` on both sides, ``0·∞`` at ``w`` = 0 or 1) the entry of the nearer side is kept."""
     out = torch.lerp(a, b, weight)
-    if not torch.isinf(a).any():
+    if not (torch.isinf(a).any() or torch.isinf(b).any()):
         return out
-    return torch.where((a == b) & torch.isinf(a), a, out)
+    nearer = torch.where(torch.as_tensor(weight, device=a.device) <= 0.5, a, b)
+    return torch.where(torch.isnan(out) & ~torch.isnan(a) & ~torch.isnan(b), nearer, out)
 
 
 def interpolate_state(a: State, b: State, lam: float | Tensor | Mapping[str, float]) -> dict[str, Tensor]:

@@ -78,6 +78,11 @@ def check_interpolation_plugins(plugins: Sequence[Any], interpolation: Any) -> N
     ``interpolation`` (a second interpolation or Re-basin commit included)."""
     at = next(i for i, p in enumerate(plugins) if p is interpolation)
     problems = []
+    if sum(p is interpolation for p in plugins) > 1:
+        problems.append(
+            "the same WeightInterpolationPlugin listed more than once (its hooks would run twice and "
+            "commit twice); list it once"
+        )
     for i, plugin in enumerate(plugins):
         if plugin is interpolation:
             continue

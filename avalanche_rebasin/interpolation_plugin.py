@@ -21,6 +21,7 @@ from avalanche.training.templates.base_sgd import PeriodicEval
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ._checks import check_finite
 from .checkpointing import optimizer_as_data, optimizer_from_data
 from .continual import _groups_touching
 from .interpolation import (
@@ -81,11 +82,7 @@ class WeightInterpolationPlugin(SupervisedPlugin):
     ) -> None:
         super().__init__()
         _check_settings(alpha, alignment, align_data, align_samples, align_steps, bn_reestimate, seed)
-        for name, value in (
-            ("restart", restart),
-            *((f"layer_alpha[{k!r}]", v) for k, v in (layer_alpha or {}).items()),
-        ):
-            _check_fraction(name, value)
+        _check_fractions(restart, layer_alpha)
         self.restart, self.layer_alpha = float(restart), dict(layer_alpha or {})
         self.alpha, self.alignment, self.align_data = float(alpha), alignment, align_data
         self.align_samples, self.align_steps, self.bn_reestimate = align_samples, align_steps, bn_reestimate
@@ -99,6 +96,7 @@ class WeightInterpolationPlugin(SupervisedPlugin):
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         _check_composition(self, strategy)
         model = strategy.model
+        check_finite(model_state(model), "the model", {n for n, _ in model.named_buffers()})
         self._spec = _discover_spec(self, strategy, model)  # refuses an unsupported model before training
         self._alphas = tensor_alphas(model_state(model), self.alpha, self.layer_alpha)
         self._previous = (
@@ -123,16 +121,17 @@ class WeightInterpolationPlugin(SupervisedPlugin):
             seed=self.seed, loss_fn=_loss(strategy),
         )  # fmt: skip
         frozen = _frozen(model)
-        identity = identity_permutation(spec, device=next(iter(perms.values())).device if perms else None)
+        identity = identity_permutation(spec)
         perms = {g: identity[g] if g in _groups_touching(spec, frozen) else p for g, p in perms.items()}
-        load_state_(
-            model, interpolated_state(previous, model_state(model), spec, perms, self._alphas, frozen)
+        committed = load_state_(  # built on a copy: the user's module changes only once it is complete
+            new, interpolated_state(previous, model_state(model), spec, perms, self._alphas, frozen)
         )
         if self.bn_reestimate and data and not _at_an_end(self._alphas):
-            reestimate_batchnorm(model, [x for x, _ in data])
-            load_state_(model, {k: v for k, v in previous.items() if k in frozen})
+            reestimate_batchnorm(committed, [x for x, _ in data])
+            load_state_(committed, {k: v for k, v in previous.items() if k in frozen})
+        load_state_(model, model_state(committed))
         _evaluate_the_commit(strategy)
-        moved = sum(int((p != identity[g]).sum()) for g, p in perms.items())
+        moved = sum(int((p.cpu() != identity[g]).sum()) for g, p in perms.items())
         self.reports.append(
             InterpolationReport(
                 self._experiences - 1, self.alignment, self.alpha, moved, sum(spec.group_sizes.values()),
@@ -176,6 +175,18 @@ def _check_fraction(name: str, value: Any) -> None:
         raise ValueError(f"WeightInterpolationPlugin: {name} must be a number in [0, 1], got {value!r}.")
 
 
+def _check_fractions(restart: Any, layer_alpha: Any) -> None:
+    if not all(isinstance(path, str) for path in layer_alpha or {}):
+        raise ValueError(
+            f"WeightInterpolationPlugin: layer_alpha's keys are module paths (str), got {layer_alpha!r}."
+        )
+    for name, value in (
+        ("restart", restart),
+        *((f"layer_alpha[{k!r}]", v) for k, v in (layer_alpha or {}).items()),
+    ):
+        _check_fraction(name, value)
+
+
 def _check_settings(
     alpha: Any, alignment: Any, align_data: Any, samples: Any, steps: Any, bn: Any, seed: Any
 ) -> None:
@@ -203,6 +214,11 @@ def _check_composition(plugin: WeightInterpolationPlugin, strategy: Any) -> None
         raise ValueError(
             "WeightInterpolationPlugin: multi-task models are not supported yet (task-aware alignment "
             "data and heads are unverified); use a single-head model."
+        )
+    if plugin._needs_data(strategy.model) and plugin.bn_reestimate and plugin.align_samples < 2:
+        raise ValueError(
+            "WeightInterpolationPlugin: BatchNorm statistics cannot be re-estimated on one sample; "
+            "pass align_samples >= 2 or bn_reestimate=False."
         )
     plugins = list(strategy.plugins)
     check_interpolation_plugins(plugins, plugin)
@@ -243,10 +259,18 @@ def _alignment_batches(plugin: WeightInterpolationPlugin, strategy: Any) -> list
             x, y = batch[0][:left].to(strategy.device), batch[1][:left].to(strategy.device)
             batches.append((x, y))
             left -= len(y)
-    if len(batches) > 1 and len(batches[-1][1]) == 1:  # BatchNorm cannot read a batch of one
-        (x0, y0), (x1, y1) = batches[-2:]
-        batches[-2:] = [(torch.cat([x0, x1]), torch.cat([y0, y1]))]
-    return batches
+    return _without_single_samples(batches)
+
+
+def _without_single_samples(batches: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    """Every batch of one sample joined to its neighbour (BatchNorm cannot read it alone)."""
+    out: list[tuple[Any, Any]] = []
+    for x, y in batches:
+        if out and (len(y) == 1 or len(out[-1][1]) == 1):
+            x0, y0 = out.pop()
+            x, y = torch.cat([x0, x]), torch.cat([y0, y])
+        out.append((x, y))
+    return out
 
 
 def _at_an_end(alphas: float | Mapping[str, float]) -> bool:
@@ -258,15 +282,20 @@ def _at_an_end(alphas: float | Mapping[str, float]) -> bool:
 
 def _frozen(model: nn.Module) -> set[str]:
     """Names of the frozen parameters (``requires_grad=False``), and of the statistics of every
-    normalisation layer whose parameters are all frozen: a frozen block keeps θ_old's."""
+    normalisation layer whose parameters are all frozen (one without parameters follows its
+    parent module's): a frozen block keeps θ_old's."""
+    modules = dict(model.named_modules())
     names = {n for n, p in model.named_parameters() if not p.requires_grad}
-    for path, module in model.named_modules():
-        own = list(module.named_parameters(recurse=False))
-        if (
-            isinstance(module, nn.modules.batchnorm._NormBase)
-            and own
-            and all(not p.requires_grad for _, p in own)
-        ):
+
+    def all_frozen(module: nn.Module, recurse: bool) -> bool:
+        params = list(module.parameters(recurse=recurse))
+        return bool(params) and all(not p.requires_grad for p in params)
+
+    for path, module in modules.items():
+        if not isinstance(module, nn.modules.batchnorm._NormBase):
+            continue
+        parent = modules[path.rsplit(".", 1)[0] if "." in path else ""]
+        if all_frozen(module, False) or (not module.affine and path and all_frozen(parent, True)):
             prefix = f"{path}." if path else ""
             names |= {prefix + n for n, _ in module.named_buffers(recurse=False)}
     return names

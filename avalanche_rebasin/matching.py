@@ -258,7 +258,8 @@ def activation_matching(
     producers = _producers(copies[0], spec)
     sizes = {p: spec.group_sizes[g] for g, paths in producers.items() for p in paths}
     stats = _correlate(copies, sizes, itertools.islice(data, max_batches))
-    perms = identity_permutation(spec)
+    first = next(itertools.chain(model_a.parameters(), model_a.buffers()), None)
+    perms = identity_permutation(spec, device=first.device if first is not None else None)
     unseen = []
     for group in spec.group_sizes:
         seen = [stats[p] for p in producers.get(group, []) if stats[p].n]

@@ -189,6 +189,7 @@ def test_bad_settings_are_refused_at_construction(kwargs, message):
             lambda p: [ReplayPlugin(mem_size=20), p, WeightInterpolationPlugin()],
             "WeightInterpolationPlugin also rewrites the model",
         ),
+        (lambda p: [ReplayPlugin(mem_size=20), p, p], "listed more than once"),
         (
             lambda p: [ReplayPlugin(mem_size=20), FromScratchTrainingPlugin(), p],
             "FromScratchTrainingPlugin resets",

@@ -232,24 +232,21 @@ def test_a_frozen_batchnorm_keeps_its_statistics_through_commit_reestimation_and
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Flatten(), nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(),  # a frozen "pretrained" block
+        nn.Sequential(nn.Linear(32, 32), nn.BatchNorm1d(32, affine=False)),  # frozen; its BN follows it
         nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, N_CLASSES),
     )  # fmt: skip
-    for p in [*model[1].parameters(), *model[2].parameters()]:
+    for p in [*model[1].parameters(), *model[2].parameters(), *model[4].parameters()]:
         p.requires_grad_(False)
     with torch.no_grad():
         model[2].running_mean.uniform_(-1, 1)
-    strategy, (first, second) = (
-        _strategy(model, alignment="weight_matching", alpha=0.5, restart=0.5),
-        _benchmark().train_stream[:2],
-    )
+    strategy = _strategy(model, alignment="weight_matching", alpha=0.5, restart=0.5)
+    first, second = _benchmark().train_stream[:2]
     strategy.train(first)  # training in train mode updates its statistics (Avalanche's doing, no commit yet)
     old = {k: v.clone() for k, v in model.state_dict().items()}
     strategy.train(second)
     after = model.state_dict()
-    assert all(torch.equal(old[k], after[k]) for k in old if k.startswith(("1.", "2.")))  # θ_old's
-    assert not torch.equal(
-        old["5.running_mean"], after["5.running_mean"]
-    )  # the trainable block's: re-estimated
+    assert all(torch.equal(old[k], after[k]) for k in old if k.startswith(("1.", "2.", "4.")))  # θ_old's
+    assert not torch.equal(old["6.running_mean"], after["6.running_mean"])  # trainable: re-estimated
 
 
 def test_tensor_alphas_take_the_longest_matching_module_path():
@@ -286,3 +283,43 @@ def test_a_layer_alpha_path_the_model_lacks_is_refused_before_training():
     with pytest.raises(ValueError, match="no parameter or buffer lies under"):
         strategy.train(_benchmark().train_stream[0])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_mix_keeps_the_nearer_side_where_an_infinity_would_make_nan_and_is_lerp_elsewhere():
+    from avalanche_rebasin.costs import mix
+
+    inf = float("inf")
+    a, b = torch.tensor([1.0, -inf, 3.0, -inf]), torch.tensor([-inf, 2.0, inf, -inf])
+    assert torch.equal(mix(a, b, 0.0), a) and torch.equal(mix(a, b, 1.0), b)
+    assert torch.equal(mix(a, b, 0.25), torch.tensor([-inf, -inf, inf, -inf]))
+    x, y = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
+    (mix(x, y, 0.3) ** 2).sum().backward()
+    gx, gy = x.grad.clone(), y.grad.clone()
+    x.grad, y.grad = None, None
+    (torch.lerp(x, y, 0.3) ** 2).sum().backward()
+    assert torch.equal(gx, x.grad) and torch.equal(gy, y.grad)
+    restarted = restart_state({"m": torch.tensor([3.0])}, {"m": torch.tensor([inf])}, 1.0)["m"]
+    assert torch.equal(restarted, torch.tensor([inf]))
+
+
+def test_single_sample_batches_are_joined_wherever_they_fall_and_one_sample_is_refused_with_batchnorm():
+    from avalanche_rebasin.interpolation_plugin import _without_single_samples
+
+    batches = [(torch.zeros(n, 2), torch.zeros(n)) for n in (1, 4, 1, 3, 1)]
+    sizes = [len(y) for _, y in _without_single_samples(batches)]
+    assert min(sizes) >= 2 and sum(sizes) == 10
+    model = _bn_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    strategy = _strategy(model, alignment="none", align_samples=1)
+    with pytest.raises(ValueError, match="align_samples >= 2 or bn_reestimate=False"):
+        strategy.train(_benchmark().train_stream[0])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_nan_buffer_is_refused_before_the_first_experience_trains():
+    model = Masked()
+    model.mask[1] = float("nan")
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    with pytest.raises(ValueError, match="the model has NaN values in 'mask'"):
+        _strategy(model, alignment="none").train(_benchmark().train_stream[0])
+    assert all(torch.equal(v, dict(model.named_parameters())[k]) for k, v in before.items())
