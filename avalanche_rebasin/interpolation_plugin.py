@@ -89,7 +89,6 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         self.spec, self.seed = spec, seed
         self.reports: list[InterpolationReport] = []
         self._previous: dict[str, torch.Tensor] | None = None
-        self._spec = PermutationSpec(group_sizes={}, axes={})
         self._alphas: float | dict[str, float] = float(alpha)
         self._experiences = 0
 
@@ -97,7 +96,8 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         _check_composition(self, strategy)
         model = strategy.model
         check_finite(model_state(model), "the model", {n for n, _ in model.named_buffers()})
-        self._spec = _discover_spec(self, strategy, model)  # refuses an unsupported model before training
+        with torch.random.fork_rng(devices=[]):  # reading a sample may draw (RandomRotation): not from yours
+            _discover_spec(self, strategy, model)  # refuses an unsupported model before training
         self._alphas = tensor_alphas(model_state(model), self.alpha, self.layer_alpha)
         self._previous = (
             {k: v.detach().clone() for k, v in model_state(model).items()} if self._experiences else None
@@ -109,7 +109,8 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         self._experiences += 1
         if self._previous is None:
             return
-        model, previous, spec = strategy.model, self._previous, self._spec
+        model, previous = strategy.model, self._previous
+        spec = _discover_spec(self, strategy, model)  # again on the trained model, as the commit reads it
         self._previous = None
         data = _alignment_batches(self, strategy) if self._needs_data(model) else []
         old, new = (
