@@ -323,3 +323,27 @@ def test_a_nan_buffer_is_refused_before_the_first_experience_trains():
     with pytest.raises(ValueError, match="the model has NaN values in 'mask'"):
         _strategy(model, alignment="none").train(_benchmark().train_stream[0])
     assert all(torch.equal(v, dict(model.named_parameters())[k]) for k, v in before.items())
+
+
+def test_the_early_spec_check_leaves_the_global_generator_alone_when_a_sample_draws():
+    from types import SimpleNamespace
+
+    from avalanche_rebasin.interpolation_plugin import WeightInterpolationPlugin
+
+    class Drawing(torch.utils.data.Dataset):  # like RandomRotation: reading a sample draws from torch
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(1, 4, 4), 0
+
+    plugin = WeightInterpolationPlugin(alignment="weight_matching")
+    strategy = SimpleNamespace(
+        model=_mlp(), device="cpu", plugins=[ReplayPlugin(mem_size=10), plugin],
+        experience=SimpleNamespace(dataset=Drawing()),
+    )  # fmt: skip
+    torch.manual_seed(3)
+    expected = torch.rand(2)
+    torch.manual_seed(3)
+    plugin.before_training_exp(strategy)
+    assert torch.equal(torch.rand(2), expected)
