@@ -32,10 +32,10 @@ from .interpolation import (
     tensor_alphas,
     timed_alignment,
 )
-from .interpolation_compat import check_interpolation_plugins, order_plugins
 from .lmc import reestimate_batchnorm
 from .permute import identity_permutation, load_state_, model_state, private_copy
 from .plugin import _example_input
+from .plugin_compat import check_interpolation_plugins, order_plugins
 from .restart import fresh_initialisation, restart_state
 from .spec import PermutationSpec
 
@@ -209,7 +209,7 @@ def _check_settings(
 
 def _check_composition(plugin: WeightInterpolationPlugin, strategy: Any) -> None:
     """Refuse what would be silently wrong: a second commit, a plugin that resets the model or
-    snapshots it before the commit (see :mod:`.interpolation_compat`), or a buffer updated
+    snapshots it before the commit (see :mod:`.plugin_compat`), or a buffer updated
     after this plugin read it."""
     if isinstance(strategy.model, MultiTaskModule):
         raise ValueError(

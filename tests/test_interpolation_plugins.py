@@ -22,8 +22,8 @@ from torch import nn
 import avalanche_rebasin.interpolation_plugin as plugin_module
 from avalanche_rebasin import PermutationSpec, align, model_state
 from avalanche_rebasin.interpolation import alignment_permutations
-from avalanche_rebasin.interpolation_compat import AFTER_COMMIT
 from avalanche_rebasin.interpolation_plugin import InterpolationStrategy
+from avalanche_rebasin.plugin_compat import AFTER_COMMIT
 from avalanche_rebasin.restart import restart_state
 
 
