@@ -109,7 +109,7 @@ SUPPORTED_WITH_INTERPOLATION: tuple[type, ...] = (*SUPPORTED_PLUGINS, P.EWCPlugi
 #: Plugins that snapshot the model after an experience: they must come after the commit.
 AFTER_COMMIT: tuple[type, ...] = (P.LwFPlugin, P.EWCPlugin)
 
-_RESETS = (
+_REPLACES_ANCHOR = (
     "resets or replaces the model before every experience, so the weights interpolated toward "
     "would be the initialisation instead of the previous experience's"
 )
@@ -117,9 +117,9 @@ _TRAJECTORY = (
     "accumulates importance along the trained weights' trajectory, which the commit replaces; "
     "it has not been verified with weight interpolation (EWC and LwF have)"
 )
-_REFUSED: dict[type, str] = {
-    P.FromScratchTrainingPlugin: _RESETS,
-    P.GDumbPlugin: _RESETS,
+_REFUSED_WITH_INTERPOLATION: dict[type, str] = {
+    P.FromScratchTrainingPlugin: _REPLACES_ANCHOR,
+    P.GDumbPlugin: _REPLACES_ANCHOR,
     P.SynapticIntelligencePlugin: _TRAJECTORY,
     P.RWalkPlugin: _TRAJECTORY,
     P.MASPlugin: "has not been verified with weight interpolation (EWC and LwF have)",
@@ -135,8 +135,8 @@ def order_plugins(plugins: Sequence[Any], interpolation: Any) -> list[Any]:
     return [*(p for p in plugins if not isinstance(p, AFTER_COMMIT)), interpolation, *after]
 
 
-def _reason(plugin: Any, position: int, at: int) -> str | None:
-    for cls, reason in _REFUSED.items():
+def _interpolation_reason(plugin: Any, position: int, at: int) -> str | None:
+    for cls, reason in _REFUSED_WITH_INTERPOLATION.items():
         if isinstance(plugin, cls):
             return reason
     if isinstance(plugin, AFTER_COMMIT) and position < at:
@@ -174,7 +174,7 @@ def check_interpolation_plugins(plugins: Sequence[Any], interpolation: Any) -> N
                 f"{type(plugin).__name__} also rewrites the model after every experience, and the second "
                 "commit would change the first's formula; use one of them"
             )
-        elif (reason := _reason(plugin, i, at)) is not None:
+        elif (reason := _interpolation_reason(plugin, i, at)) is not None:
             problems.append(f"{type(plugin).__name__} {reason}")
     if problems:
         raise ValueError("WeightInterpolationPlugin cannot be combined with: " + "; ".join(problems) + ".")
