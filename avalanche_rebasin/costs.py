@@ -13,7 +13,7 @@ A cost is any callable ``cost(theta_a, theta_b_permuted, batch) -> scalar tensor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,11 +38,23 @@ Cost = Callable[[State, State, Any], Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def mix(a: Tensor, b: Tensor, weight: float | Tensor) -> Tensor:
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every entry of ``tensors`` is finite, read from one sum per tensor and a single
+    host synchronisation. A sum that overflows reads as non-finite, which only sends
+    :func:`mix` down its careful path."""
+    sums = [t.detach().sum().float() for t in tensors if t.numel()]
+    if not sums:
+        return True
+    device = sums[0].device
+    return bool(torch.isfinite(torch.stack([s.to(device) for s in sums])).all())
+
+
+def mix(a: Tensor, b: Tensor, weight: float | Tensor, *, finite: bool | None = None) -> Tensor:
     """``(1−w)·a + w·b``. Where an infinite entry would make the formula NaN (a mask's
-    ``-inf`` on both sides, ``0·∞`` at ``w`` = 0 or 1) the entry of the nearer side is kept."""
+    ``-inf`` on both sides, ``0·∞`` at ``w`` = 0 or 1) the entry of the nearer side is kept.
+    ``finite=True`` promises that ``a`` and ``b`` hold only finite entries (skips the check)."""
     out = torch.lerp(a, b, weight)
-    if not (torch.isinf(a).any() or torch.isinf(b).any()):
+    if finite if finite is not None else all_finite((a, b)):
         return out
     nearer = torch.where(torch.as_tensor(weight, device=a.device) <= 0.5, a, b)
     return torch.where(torch.isnan(out) & ~torch.isnan(a) & ~torch.isnan(b), nearer, out)
@@ -50,10 +62,12 @@ def mix(a: Tensor, b: Tensor, weight: float | Tensor) -> Tensor:
 
 def interpolate_state(a: State, b: State, lam: float | Tensor | Mapping[str, float]) -> dict[str, Tensor]:
     """``(1−λ)·a + λ·b`` for floating tensors (see :func:`mix`; ``lam`` may map every tensor
-    name to its own λ); integer buffers from ``a``."""
+    name to its own λ); integer buffers from ``a``. One finiteness check for the whole state."""
     per_tensor = isinstance(lam, Mapping)
+    floating = [k for k, v in a.items() if v.is_floating_point()]
+    finite = True if all_finite([*(a[k] for k in floating), *(b[k] for k in floating)]) else None
     return {
-        k: mix(v, b[k], lam[k] if per_tensor else lam) if v.is_floating_point() else v  # type: ignore[index]
+        k: mix(v, b[k], lam[k] if per_tensor else lam, finite=finite) if v.is_floating_point() else v  # type: ignore[index]
         for k, v in a.items()
     }
 

@@ -51,3 +51,19 @@ def test_continual_cost_matches_its_formula_and_leaves_model_alone():
     torch.testing.assert_close(got, manual)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_interpolate_state_is_lerp_for_finite_states_and_keeps_masks_where_one_tensor_is_infinite():
+    from avalanche_rebasin.costs import all_finite
+
+    inf = float("inf")
+    a = {"w": torch.randn(3, 4), "mask": torch.tensor([0.0, -inf]), "count": torch.tensor(5)}
+    b = {"w": torch.randn(3, 4), "mask": torch.tensor([-inf, -inf]), "count": torch.tensor(9)}
+    out = interpolate_state(a, b, 0.25)
+    assert torch.equal(out["w"], torch.lerp(a["w"], b["w"], 0.25))
+    assert torch.equal(out["mask"], torch.tensor([-inf, -inf])) and torch.equal(out["count"], a["count"])
+    # entries whose sum overflows are finite: the careful path still returns plain lerp
+    big = {"w": torch.full((4,), 3e38)}
+    assert not all_finite(big.values())
+    assert torch.equal(interpolate_state(big, big, 0.5)["w"], big["w"])
+    assert all_finite([torch.empty(0), torch.ones(2)]) and not all_finite([torch.tensor([float("nan")])])
