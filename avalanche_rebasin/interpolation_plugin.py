@@ -36,7 +36,7 @@ from .lmc import reestimate_batchnorm
 from .permute import identity_permutation, load_state_, model_state, private_copy
 from .plugin import _example_input
 from .plugin_compat import check_interpolation_plugins, order_plugins
-from .restart import fresh_initialisation, restart_state
+from .restart import fresh_initialisation, restart_seed, restart_state
 from .spec import PermutationSpec
 
 __all__ = ["InterpolationStrategy", "WeightInterpolationPlugin"]
@@ -160,7 +160,7 @@ def _discover_spec(plugin: WeightInterpolationPlugin, strategy: Any, model: nn.M
 
 def _restart(plugin: WeightInterpolationPlugin, model: nn.Module, previous: dict[str, torch.Tensor]) -> None:
     """Move the model to ``(1 − r)·θ_old + r·θ_init`` before it trains (in place)."""
-    fresh = fresh_initialisation(model, seed=1_000_003 * plugin.seed + plugin._experiences)
+    fresh = fresh_initialisation(model, seed=restart_seed(plugin.seed, plugin._experiences))
     kept = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(fresh[n], p)]
     if kept:
         warnings.warn(

@@ -17,19 +17,33 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .costs import mix
 from .permute import model_state, private_copy
 
-__all__ = ["fresh_initialisation", "restart_state"]
+__all__ = ["fresh_initialisation", "restart_seed", "restart_state"]
+
+_RESTART_STREAM = 0x5E5EED  # keeps these seeds apart from any other use of (seed, experience)
+
+
+def restart_seed(seed: int, experience: int) -> int:
+    """The generator seed of the fresh initialisation drawn before ``experience``: a
+    ``SeedSequence`` hash of ``(seed, experience)``, 64 bits wide, so it does not coincide
+    with the small integers models are built under (``torch.manual_seed(1)`` then building
+    the model would otherwise make some restart re-draw the model's own initialisation)."""
+    high, low = np.random.SeedSequence([seed, experience, _RESTART_STREAM]).generate_state(2)
+    return int(high) << 32 | int(low)
 
 
 def fresh_initialisation(model: nn.Module, seed: int) -> dict[str, Tensor]:
     """A new draw of ``model``'s initialisation (``model`` untouched), deterministic in ``seed``.
 
-    Raises ``ValueError`` when no submodule has ``reset_parameters`` (nothing to draw).
+    Only the generators the draw uses are seeded — the CPU's and, for a CUDA model, its
+    device's — and both are restored afterwards. Raises ``ValueError`` when no submodule has
+    ``reset_parameters`` (nothing to draw).
     """
     copy = private_copy(model)
     resettable = [reset for m in _children_first(copy) if (reset := _initialiser(m)) is not None]
@@ -39,9 +53,13 @@ def fresh_initialisation(model: nn.Module, seed: int) -> dict[str, Tensor]:
             "initialisation to restart from; use restart=0 (fine-tune the previous weights)."
         )
     device = next(iter(model_state(model).values()), torch.empty(0)).device
-    devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(seed)
+    cuda = []
+    if device.type == "cuda":
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda), torch.no_grad():
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
         for reset in resettable:
             reset()
     return {k: v.detach().clone() for k, v in model_state(copy).items()}

@@ -23,7 +23,7 @@ from avalanche_rebasin import PermutationSpec, invert_permutation, model_state, 
 from avalanche_rebasin.interpolation import ALIGNMENTS, alignment_permutations, interpolated_state
 from avalanche_rebasin.interpolation_plugin import InterpolationStrategy, WeightInterpolationPlugin
 from avalanche_rebasin.plugin import RebasinPlugin
-from avalanche_rebasin.restart import fresh_initialisation, restart_state
+from avalanche_rebasin.restart import fresh_initialisation, restart_seed, restart_state
 
 
 class TrainedRecorder(SupervisedPlugin):
@@ -260,12 +260,25 @@ def test_restart_starts_each_experience_from_the_mix_and_interpolates_from_the_o
         model, alignment="none", alpha=0.5, restart=restart, seed=3, extra=[starts]
     )
     assert len(starts.starts) == 2
-    fresh = fresh_initialisation(_mlp(), seed=1_000_003 * 3 + 1)  # the plugin's draw for experience 2
+    fresh = fresh_initialisation(_mlp(), seed=restart_seed(3, 1))  # the plugin's draw for experience 2
     for name, old in committed[0].items():
         expected = torch.lerp(old, fresh[name], restart)
         torch.testing.assert_close(starts.starts[1][name], expected, rtol=0, atol=1e-7)
         # the commit interpolates toward θ_old, not toward the restart point
         torch.testing.assert_close(committed[1][name], 0.5 * old + 0.5 * recorder.trained[1][name])
+
+
+def test_restart_seeds_do_not_coincide_with_the_seed_a_model_was_built_under(monkeypatch):
+    seeds = {restart_seed(s, e) for s in range(4) for e in range(1, 30)}
+    assert len(seeds) == 4 * 29 and min(seeds) > 2**32  # distinct, and no small integer
+    torch.manual_seed(1)
+    model = _mlp()  # built under the seed the old derivation gave seed 0's first restart
+    fresh = fresh_initialisation(model, seed=restart_seed(0, 1))
+    assert not any(torch.equal(fresh[k], v) for k, v in model.state_dict().items() if v.dim() > 1)
+    reseeded = []  # only the generators the draw uses are touched: never every GPU's
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    fresh_initialisation(model, seed=restart_seed(0, 2))
+    assert reseeded == []
 
 
 def test_fresh_initialisation_is_seeded_leaves_the_model_and_global_rng_alone():
