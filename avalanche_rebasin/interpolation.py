@@ -120,29 +120,53 @@ def interpolated_state(
 
 
 def tensor_alphas(
-    names: Iterable[str], alpha: float, layer_alpha: Mapping[str, float] | None
+    names: Iterable[str],
+    alpha: float,
+    layer_alpha: Mapping[str, float] | None,
+    aliases: Mapping[str, Sequence[str]] | None = None,
 ) -> float | dict[str, float]:
     """``alpha``, or with ``layer_alpha`` (module path → α) one α per tensor name: that of the
-    longest path the tensor lies under, else ``alpha``. Raises ``ValueError`` naming a path
-    no tensor lies under."""
+    longest path the tensor lies under, else ``alpha``. ``aliases`` maps a name to every name
+    the same tensor has (tied weights, a module registered twice): a path matches through any
+    of them. Raises ``ValueError`` naming a path no tensor lies under, or a tied tensor whose
+    names would get different α."""
     if not layer_alpha:
         return alpha
     names = list(names)
+    known = {n: list(aliases.get(n, [n])) if aliases else [n] for n in names}
 
     def under(name: str, path: str) -> bool:
         return path == "" or name == path or name.startswith(path + ".")
 
-    missing = [p for p in layer_alpha if not any(under(n, p) for n in names)]
-    if missing:
-        modules = sorted({n.rsplit(".", 1)[0] for n in names if "." in n})
-        raise ValueError(
-            f"layer_alpha: no parameter or buffer lies under {missing}; module paths: {modules[:8]}"
-        )
-    out = {}
-    for name in names:
+    def own_alpha(name: str) -> float:
         paths = [p for p in layer_alpha if under(name, p)]
-        out[name] = float(layer_alpha[max(paths, key=len)]) if paths else alpha
+        return float(layer_alpha[max(paths, key=len)]) if paths else alpha
+
+    every = [n for ns in known.values() for n in ns]
+    missing = [p for p in layer_alpha if not any(under(n, p) for n in every)]
+    if missing:
+        modules = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in every if "." in n))
+        shown = ", ".join(modules[:12]) + (f", … ({len(modules)} in all)" if len(modules) > 12 else "")
+        raise ValueError(f"layer_alpha: no parameter or buffer lies under {missing}; module paths: {shown}")
+    out = {}
+    for name, all_names in known.items():
+        alphas = {n: own_alpha(n) for n in all_names}
+        if len(set(alphas.values())) > 1:
+            raise ValueError(
+                f"layer_alpha: {' and '.join(all_names)} are one tensor (tied), which would get α "
+                f"{' and '.join(str(a) for a in alphas.values())}; give those modules the same α."
+            )
+        out[name] = alphas[name if name in alphas else all_names[0]]
     return out
+
+
+def tensor_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Every name of each parameter and buffer, keyed by the name :func:`model_state` uses."""
+    by_tensor: dict[int, list[str]] = {}
+    named = (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        by_tensor.setdefault(id(tensor), []).append(name)
+    return {names[0]: names for names in by_tensor.values()}
 
 
 def timed_alignment(*args: Any, **kwargs: Any) -> tuple[dict[str, Tensor], float]:

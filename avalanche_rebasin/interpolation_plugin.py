@@ -29,6 +29,7 @@ from .interpolation import (
     NEEDS_DATA,
     InterpolationReport,
     interpolated_state,
+    tensor_aliases,
     tensor_alphas,
     timed_alignment,
 )
@@ -83,7 +84,7 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         super().__init__()
         _check_settings(alpha, alignment, align_data, align_samples, align_steps, bn_reestimate, seed)
         _check_fractions(restart, layer_alpha)
-        self.restart, self.layer_alpha = float(restart), dict(layer_alpha or {})
+        self.restart, self.layer_alpha = float(restart), dict(layer_alpha) if layer_alpha is not None else {}
         self.alpha, self.alignment, self.align_data = float(alpha), alignment, align_data
         self.align_samples, self.align_steps, self.bn_reestimate = align_samples, align_steps, bn_reestimate
         self.spec, self.seed = spec, seed
@@ -98,7 +99,7 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         check_finite(model_state(model), "the model", {n for n, _ in model.named_buffers()})
         with torch.random.fork_rng(devices=[]):  # reading a sample may draw (RandomRotation): not from yours
             _discover_spec(self, strategy, model)  # refuses an unsupported model before training
-        self._alphas = tensor_alphas(model_state(model), self.alpha, self.layer_alpha)
+        self._alphas = tensor_alphas(model_state(model), self.alpha, self.layer_alpha, tensor_aliases(model))
         self._previous = (
             {k: v.detach().clone() for k, v in model_state(model).items()} if self._experiences else None
         )
@@ -165,7 +166,8 @@ def _restart(plugin: WeightInterpolationPlugin, model: nn.Module, previous: dict
     if kept:
         warnings.warn(
             f"WeightInterpolationPlugin(restart={plugin.restart}): {len(kept)} trainable parameter(s) "
-            f"have no reset_parameters() in their module and keep their previous values: {kept[:3]}",
+            f"were not re-drawn (no reset_parameters() in their module, or a parametrization's originals "
+            f"such as weight_norm's) and keep their previous values: {kept[:3]}",
             stacklevel=3,
         )
     load_state_(model, restart_state(previous, fresh, plugin.restart, _frozen(model)))
@@ -177,6 +179,11 @@ def _check_fraction(name: str, value: Any) -> None:
 
 
 def _check_fractions(restart: Any, layer_alpha: Any) -> None:
+    if layer_alpha is not None and not isinstance(layer_alpha, Mapping):
+        raise ValueError(
+            "WeightInterpolationPlugin: layer_alpha is a mapping of module path to α, e.g. "
+            f"{{'classifier': 0.9}}, or None; got {layer_alpha!r}."
+        )
     if not all(isinstance(path, str) for path in layer_alpha or {}):
         raise ValueError(
             f"WeightInterpolationPlugin: layer_alpha's keys are module paths (str), got {layer_alpha!r}."

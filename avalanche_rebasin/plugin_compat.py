@@ -135,10 +135,16 @@ def order_plugins(plugins: Sequence[Any], interpolation: Any) -> list[Any]:
     return [*(p for p in plugins if not isinstance(p, AFTER_COMMIT)), interpolation, *after]
 
 
-def _interpolation_reason(plugin: Any, position: int, at: int) -> str | None:
+def _interpolation_reason(plugin: Any, position: int, at: int, restart: float) -> str | None:
     for cls, reason in _REFUSED_WITH_INTERPOLATION.items():
         if isinstance(plugin, cls):
             return reason
+    if isinstance(plugin, P.EarlyStoppingPlugin) and restart > 0:
+        return (
+            "restores the best weights it has seen, and its first snapshot pairs the previous model's "
+            "score with the restart point, so with restart > 0 it can restore a fresh initialisation "
+            "and the commit would interpolate toward it; use restart=0 or leave it out"
+        )
     if isinstance(plugin, AFTER_COMMIT) and position < at:
         return (
             "keeps a copy of the model in after_training_exp and comes before the interpolation "
@@ -160,6 +166,7 @@ def check_interpolation_plugins(plugins: Sequence[Any], interpolation: Any) -> N
     from .plugin import RebasinPlugin  # plugin.py imports this module
 
     at = next(i for i, p in enumerate(plugins) if p is interpolation)
+    restart = getattr(interpolation, "restart", 0.0)
     problems = []
     if sum(p is interpolation for p in plugins) > 1:
         problems.append(
@@ -174,7 +181,7 @@ def check_interpolation_plugins(plugins: Sequence[Any], interpolation: Any) -> N
                 f"{type(plugin).__name__} also rewrites the model after every experience, and the second "
                 "commit would change the first's formula; use one of them"
             )
-        elif (reason := _interpolation_reason(plugin, i, at)) is not None:
+        elif (reason := _interpolation_reason(plugin, i, at, restart)) is not None:
             problems.append(f"{type(plugin).__name__} {reason}")
     if problems:
         raise ValueError("WeightInterpolationPlugin cannot be combined with: " + "; ".join(problems) + ".")

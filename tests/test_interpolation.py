@@ -7,6 +7,7 @@ import torch
 from avalanche.models import SimpleMLP
 from avalanche.training import Naive
 from avalanche.training.plugins import (
+    EarlyStoppingPlugin,
     EWCPlugin,
     FromScratchTrainingPlugin,
     GDumbPlugin,
@@ -172,6 +173,9 @@ def test_interpolated_state_takes_integer_buffers_from_the_new_network():
         ({"align_data": "test"}, "align_data must be one of"),
         ({"align_steps": 0}, "align_steps must be an integer >= 1"),
         ({"bn_reestimate": "yes"}, "bn_reestimate must be True or False"),
+        ({"layer_alpha": "classifier"}, "layer_alpha is a mapping of module path to α"),
+        ({"layer_alpha": 0}, "layer_alpha is a mapping of module path to α"),
+        ({"layer_alpha": 0.5}, "layer_alpha is a mapping of module path to α"),
     ],
 )
 def test_bad_settings_are_refused_at_construction(kwargs, message):
@@ -218,6 +222,22 @@ def test_compositions_that_would_be_silently_wrong_are_refused_before_training(p
         strategy.train(_benchmark().train_stream[0])
         return
     with pytest.raises(ValueError, match=message):
+        strategy.train(_benchmark().train_stream[0])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_early_stopping_is_refused_with_a_restart_it_could_restore():
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plugins = [
+        ReplayPlugin(mem_size=20), WeightInterpolationPlugin(restart=1.0),
+        EarlyStoppingPlugin(patience=1, val_stream_name="train_stream"),
+    ]  # fmt: skip
+    strategy = Naive(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_mb_size=32,
+        evaluator=_evaluator(), plugins=plugins,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"EarlyStoppingPlugin restores the best weights.*restart=0"):
         strategy.train(_benchmark().train_stream[0])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
@@ -352,7 +372,8 @@ def test_restart_warns_about_parameters_without_an_initialisation_and_is_validat
         def forward(self, x):
             return self.classifier(torch.relu(self.features(x) * self.scale))
 
-    with pytest.warns(UserWarning, match=r"1 trainable parameter\(s\) have no reset_parameters.*'scale'"):
+    warning = r"1 trainable parameter\(s\) were not re-drawn \(no reset_parameters.*'scale'"
+    with pytest.warns(UserWarning, match=warning):
         _run(WithLooseParameter(), alignment="none", alpha=0.5, restart=1.0)
     for bad in (-0.1, 2, "1", True):
         with pytest.raises(ValueError, match="restart must be a number in"):

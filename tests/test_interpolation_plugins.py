@@ -276,6 +276,38 @@ def test_layer_alpha_takes_the_head_from_the_trained_network_and_interpolates_th
         torch.testing.assert_close(committed[1][name], expected, rtol=0, atol=1e-7)
 
 
+class TiedHead(nn.Module):
+    def __init__(self, tie: bool = True):
+        super().__init__()
+        self.body, self.head = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.out = nn.Linear(16, N_CLASSES)
+        if tie:
+            self.head.weight = self.body.weight
+
+    def forward(self, x):
+        return self.out(torch.relu(self.head(torch.relu(self.body(x.flatten(1))))))
+
+
+def test_layer_alpha_reaches_a_tied_weight_through_every_name_and_refuses_two_alphas_for_it():
+    from avalanche_rebasin.interpolation import tensor_aliases, tensor_alphas
+
+    model = TiedHead()
+    names, aliases = model_state(model), tensor_aliases(model)
+    assert aliases["body.weight"] == ["body.weight", "head.weight"]
+    alphas = tensor_alphas(names, 0.5, {"head": 1.0, "body": 1.0}, aliases)
+    assert alphas["body.weight"] == 1.0 and alphas["head.bias"] == 1.0 and alphas["out.weight"] == 0.5
+    with pytest.raises(ValueError, match=r"body.weight and head.weight are one tensor \(tied\)"):
+        tensor_alphas(names, 0.5, {"head": 1.0}, aliases)
+    shared = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    twice = nn.Sequential(shared[0], nn.ReLU(), shared[0])  # module 2 holds tensors only by sharing
+    assert tensor_alphas(model_state(twice), 0.5, {"0": 0.9, "2": 0.9}, tensor_aliases(twice)) == {
+        "0.weight": 0.9, "0.bias": 0.9,
+    }  # fmt: skip
+    strategy = _strategy(TiedHead(), alignment="none", alpha=0.5, layer_alpha={"head": 1.0})
+    with pytest.raises(ValueError, match="one tensor"):
+        strategy.train(_benchmark().train_stream[0])
+
+
 def test_a_layer_alpha_path_the_model_lacks_is_refused_before_training():
     model = _mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
