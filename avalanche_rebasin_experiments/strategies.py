@@ -193,7 +193,10 @@ def parse_strategy(token: str) -> tuple[str, dict[str, Any]]:
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq:
-            raise ValueError(f"{token!r}: override {item!r} is not key=value")
+            raise ValueError(
+                f"{token!r}: override {item!r} is not key=value ('+' separates settings, so numbers are "
+                "written without one: 1e0, not 1e+0)"
+            )
         if key in RESERVED_OVERRIDES and entry.presets:
             raise ValueError(
                 f"{token!r}: {key!r} is set by the harness "
