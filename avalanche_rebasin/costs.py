@@ -49,12 +49,12 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack([s.to(device) for s in sums])).all())
 
 
-def mix(a: Tensor, b: Tensor, weight: float | Tensor, *, finite: bool | None = None) -> Tensor:
+def mix(a: Tensor, b: Tensor, weight: float | Tensor, *, finite: bool = False) -> Tensor:
     """``(1−w)·a + w·b``. Where an infinite entry would make the formula NaN (a mask's
     ``-inf`` on both sides, ``0·∞`` at ``w`` = 0 or 1) the entry of the nearer side is kept.
-    ``finite=True`` promises that ``a`` and ``b`` hold only finite entries (skips the check)."""
+    ``finite=True`` says the caller has checked that ``a`` and ``b`` are finite."""
     out = torch.lerp(a, b, weight)
-    if finite if finite is not None else all_finite((a, b)):
+    if finite or all_finite((a, b)):
         return out
     nearer = torch.where(torch.as_tensor(weight, device=a.device) <= 0.5, a, b)
     return torch.where(torch.isnan(out) & ~torch.isnan(a) & ~torch.isnan(b), nearer, out)
@@ -65,7 +65,7 @@ def interpolate_state(a: State, b: State, lam: float | Tensor | Mapping[str, flo
     name to its own λ); integer buffers from ``a``. One finiteness check for the whole state."""
     per_tensor = isinstance(lam, Mapping)
     floating = [k for k, v in a.items() if v.is_floating_point()]
-    finite = True if all_finite([*(a[k] for k in floating), *(b[k] for k in floating)]) else None
+    finite = all_finite([*(a[k] for k in floating), *(b[k] for k in floating)])
     return {
         k: mix(v, b[k], lam[k] if per_tensor else lam, finite=finite) if v.is_floating_point() else v  # type: ignore[index]
         for k, v in a.items()

@@ -156,7 +156,7 @@ def tensor_alphas(
                 f"layer_alpha: {' and '.join(all_names)} are one tensor (tied), which would get α "
                 f"{' and '.join(str(a) for a in alphas.values())}; give those modules the same α."
             )
-        out[name] = alphas[name if name in alphas else all_names[0]]
+        out[name] = next(iter(alphas.values()))
     return out
 
 

@@ -71,6 +71,11 @@ REFUSED: dict[type, str] = {
 }
 
 
+def _listed_reason(plugin: Any, table: dict[type, str]) -> str | None:
+    """The reason ``table`` gives for the first class ``plugin`` is an instance of."""
+    return next((reason for cls, reason in table.items() if isinstance(plugin, cls)), None)
+
+
 def _reason(plugin: Any) -> str | None:
     if isinstance(plugin, SUPPORTED_PLUGINS):
         if isinstance(plugin, P.LRSchedulerPlugin) and not isinstance(plugin.scheduler, SUPPORTED_SCHEDULERS):
@@ -80,9 +85,8 @@ def _reason(plugin: Any) -> str | None:
                 f"δ/logit optimiser of a re-basin experience; use one of {names}"
             )
         return None
-    for cls, reason in REFUSED.items():
-        if isinstance(plugin, cls):
-            return reason
+    if (reason := _listed_reason(plugin, REFUSED)) is not None:
+        return reason
     if type(plugin).__module__.startswith("avalanche."):
         supported = ", ".join(c.__name__ for c in SUPPORTED_PLUGINS[:6])
         return f"has not been verified with Re-basin (verified: {supported})"
@@ -136,9 +140,8 @@ def order_plugins(plugins: Sequence[Any], interpolation: Any) -> list[Any]:
 
 
 def _interpolation_reason(plugin: Any, position: int, at: int, restart: float) -> str | None:
-    for cls, reason in _REFUSED_WITH_INTERPOLATION.items():
-        if isinstance(plugin, cls):
-            return reason
+    if (reason := _listed_reason(plugin, _REFUSED_WITH_INTERPOLATION)) is not None:
+        return reason
     if isinstance(plugin, P.EarlyStoppingPlugin) and restart > 0:
         return (
             "restores the best weights it has seen, and its first snapshot pairs the previous model's "
@@ -166,7 +169,7 @@ def check_interpolation_plugins(plugins: Sequence[Any], interpolation: Any) -> N
     from .plugin import RebasinPlugin  # plugin.py imports this module
 
     at = next(i for i, p in enumerate(plugins) if p is interpolation)
-    restart = getattr(interpolation, "restart", 0.0)
+    restart = interpolation.restart
     problems = []
     if sum(p is interpolation for p in plugins) > 1:
         problems.append(
