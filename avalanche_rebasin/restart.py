@@ -41,28 +41,24 @@ def restart_seed(seed: int, experience: int) -> int:
 def fresh_initialisation(model: nn.Module, seed: int) -> dict[str, Tensor]:
     """A new draw of ``model``'s initialisation (``model`` untouched), deterministic in ``seed``.
 
-    Only the generators the draw uses are seeded — the CPU's and, for a CUDA model, its
-    device's — and both are restored afterwards. Raises ``ValueError`` when no submodule has
+    The draw is made on a CPU copy with the CPU generator (seeded, then restored), so it is
+    the same on every device and leaves every device's generator alone; each tensor is then
+    moved to its place in ``model``. Raises ``ValueError`` when no submodule has
     ``reset_parameters`` (nothing to draw).
     """
-    copy = private_copy(model)
+    copy = private_copy(model).to("cpu")
     resettable = [reset for m in _children_first(copy) if (reset := _initialiser(m)) is not None]
     if not resettable:
         raise ValueError(
             f"{type(model).__name__} has no submodule with reset_parameters(), so there is no "
             "initialisation to restart from; use restart=0 (fine-tune the previous weights)."
         )
-    device = next(iter(model_state(model).values()), torch.empty(0)).device
-    cuda = []
-    if device.type == "cuda":
-        cuda = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=cuda), torch.no_grad():
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.default_generator.manual_seed(seed)
-        for index in cuda:
-            torch.cuda.default_generators[index].manual_seed(seed)
         for reset in resettable:
             reset()
-    return {k: v.detach().clone() for k, v in model_state(copy).items()}
+    places = {k: v.device for k, v in model_state(model).items()}
+    return {k: v.detach().to(places[k], copy=True) for k, v in model_state(copy).items()}
 
 
 def _children_first(module: nn.Module) -> Iterator[nn.Module]:
