@@ -54,7 +54,17 @@ def _linear(tr: Tracer, call: OpCall) -> Feature | None:
     tr.assign(w, 0, var)
     tr.fix_tensor(b, keep=(0,))
     tr.assign(b, 0, var)
+    _pin_computed(tr, var, bias)
     return Feature(call.out.dim() - 1, var, weight.shape[0])
+
+
+def _pin_computed(tr: Tracer, var: int, *tensors: Tensor | None) -> None:
+    """Per-unit operands computed at run time (BEiT's ``cat((q_bias, k_bias, v_bias))``)
+    are constants to the spec: the units they vary along stay in place."""
+    for t in tensors:
+        if isinstance(t, Tensor) and tr.param(t) is None and t.numel() > 1:
+            tr.pin(t)
+            tr.union(var, FIXED)
 
 
 def _conv_parts(
@@ -80,12 +90,14 @@ def _convolution(tr: Tracer, call: OpCall, w_in: int, w_out: int) -> Feature | N
         var = tr.new_var(w.name.rsplit(".", 1)[0], weight.shape[w_out])
         tr.assign(w, w_out, var)
         tr.assign(b, 0, var)
+        _pin_computed(tr, var, call.arg(2, "bias"))
         return Feature(channel, var, weight.shape[w_out])
     depthwise = groups == x.shape[channel] == weight.shape[0] and weight.shape[1] == 1
     if s is not None and depthwise:
         tr.fix_tensor(w, keep=(0,))  # depthwise: channel c only sees channel c
         tr.assign(w, 0, s)
         tr.assign(b, 0, s)
+        _pin_computed(tr, s.var, call.arg(2, "bias"))
         return s
     tr.fix(s)  # grouped convolution: units cannot move between groups
     tr.fix_tensor(w)
@@ -116,13 +128,39 @@ def _per_channel(tr: Tracer, call: OpCall, refs: Sequence[ParamRef | None]) -> F
     for ref in refs:
         tr.fix_tensor(ref, keep=(0,))
         tr.assign(ref, 0, s)
+    _pin_computed(tr, s.var, *[t for t in call.tensors()[1:] if t.dim() == 1])
     return s
 
 
 @register_rule("batch_norm", "instance_norm", params=True)
-def _batch_norm(tr: Tracer, call: OpCall) -> Feature | None:
+def _batch_norm(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
     keys = ("running_mean", "running_var", "weight", "bias")
-    return _per_channel(tr, call, [tr.param(call.arg(i + 1, key)) for i, key in enumerate(keys)])
+    refs = [tr.param(call.arg(i + 1, key)) for i, key in enumerate(keys)]
+    weight_view = tr.param(call.arg(0, "input"))
+    if weight_view is not None:
+        return _standardised_weight(tr, call, weight_view, refs)
+    return _per_channel(tr, call, refs)
+
+
+def _standardised_weight(
+    tr: Tracer, call: OpCall, view: ParamRef, refs: Sequence[ParamRef | None]
+) -> ParamRef | None:
+    """Weight standardisation (timm's ``StdConv2d``/``ScaledStdConv2d``, NF-ResNets):
+    ``batch_norm(W.reshape(1, out, -1), weight=gain)`` normalises each output channel over
+    its fan-in, which no permutation of the fan-in changes. The result is followed as ``W``
+    itself, with the gain tied to the output channels."""
+    x = call.arg(0, "input")
+    if x.dim() != 3 or x.shape[0] != 1 or not isinstance(view.axes[1], int) or refs[0] or refs[1]:
+        tr.fix_tensor(view)
+        for ref in refs:
+            tr.fix_tensor(ref)
+        return None
+    channels = tr.new_var(view.name.rsplit(".", 1)[0] + ".standardised", x.shape[1])
+    tr.assign(view, 1, channels)
+    for ref in refs[2:]:
+        tr.fix_tensor(ref, keep=(0,))
+        tr.assign(ref, 0, channels)
+    return view
 
 
 @register_rule("group_norm", params=True)
@@ -154,6 +192,8 @@ def _layer_norm(tr: Tracer, call: OpCall) -> Feature | None:
             tr.assign(ref, s.axis - first, s)
         else:
             tr.fix_tensor(ref)
+    if s is not None and s.axis >= first:
+        _pin_computed(tr, s.var, *call.tensors()[1:])
     return s
 
 

@@ -214,11 +214,33 @@ def _letter_variables(tr: Tracer, call: OpCall, operands: list, subs: list[str])
             continue
         letter = sub[s.axis]
         if letter in found and found[letter].layout[1:] != s.layout[1:]:
-            tr.unsupported(call, "its operands carry one index with different layouts")
-            return None
+            coarse = _coarsened(tr, found[letter], s)
+            if coarse is None:
+                tr.unsupported(
+                    call,
+                    "its operands carry one index with different layouts (one index must carry "
+                    "the same units, or whole blocks of them as after repeat_kv, in every operand)",
+                )
+                return None
+            found[letter] = coarse
+            continue
         merged = s.var if letter not in found else tr.union(found[letter].var, s.var)
         found[letter] = Feature(s.axis, merged, s.size, s.inner, s.outer)
     return found
+
+
+def _coarsened(tr: Tracer, a: Feature, b: Feature) -> Feature | None:
+    """Two layouts of one index where one moves blocks of the other's units (grouped-query
+    attention: a key/value head repeated for ``r`` query heads is ``(kv_heads, inner r)``
+    against the queries' ``(heads, inner 1)``): the finer units are tied to move in those
+    blocks, and the coarser layout is the index's. None if neither refines the other."""
+    fine, coarse = (a, b) if a.inner <= b.inner else (b, a)
+    ratio, rem = divmod(coarse.inner, fine.inner)
+    if rem or fine.outer != coarse.outer or fine.size != coarse.size * ratio:
+        return None
+    name = tr.vars.names[coarse.var] + ".groups"
+    tr.union(fine.var, tr.vars.new_defined(name, fine.size, [(coarse.var, ratio, 1, 0)]))
+    return coarse
 
 
 def _contract(tr: Tracer, call: OpCall, operands: list, subs: list[str], out: str) -> Feature | None:
@@ -281,6 +303,49 @@ def _matmul(tr: Tracer, call: OpCall) -> Feature | None:
     return _contract(tr, call, [a, b], [sa, sb], out)
 
 
+@register_rule("addmm", "baddbmm", "addbmm", params=True)
+def _add_product(tr: Tracer, call: OpCall) -> Feature | None:
+    """``input + a @ b`` (Hugging Face's ``Conv1D``: ``addmm(bias, x, W)`` with ``W`` stored
+    ``(in, out)``; Bloom's ALiBi ``baddbmm``): the product as ``matmul``, then ``input``
+    added element-wise to it."""
+    bias, a, b = (
+        call.arg(0, "input"),
+        call.arg(1, "mat1" if call.name == "addmm" else "batch1"),
+        call.arg(2, "mat2" if call.name == "addmm" else "batch2"),
+    )
+    if call.name == "addbmm":
+        subs, out = ["bik", "bkj"], "ij"
+    else:
+        sa, sb, out = _operand_letters(a, b)
+        subs = [sa, sb]
+    product = _contract(tr, call, [a, b], subs, out)
+    out_tensor = call.out
+    s_bias, ref = tr.state(bias), tr.param(bias)
+    if product is None:
+        if s_bias is not None:
+            tr.fix(s_bias)
+        tr.fix_tensor(ref)
+        return None
+    local = product.axis - (out_tensor.dim() - bias.dim())
+    if s_bias is not None:
+        if s_bias.layout != (local, *product.layout[1:]):
+            tr.fix(s_bias)
+            tr.fix(product)
+            return None
+        return Feature(
+            product.axis, tr.union(product.var, s_bias.var), product.size, product.inner, product.outer
+        )
+    if local < 0 or bias.shape[local] == 1:
+        tr.fix_tensor(ref)
+    elif ref is not None:
+        tr.fix_tensor(ref, keep=(local,))
+        tr.assign(ref, local, product)
+    else:
+        tr.fix(product)
+        return None
+    return Feature(product.axis, tr.find(product.var), product.size, product.inner, product.outer)
+
+
 @register_rule("einsum", params=True)
 def _einsum(tr: Tracer, call: OpCall) -> Feature | None:
     operands = (
@@ -309,9 +374,31 @@ def _sdpa(tr: Tracer, call: OpCall) -> Feature | None:
         operands.append(mask)
         subs.append(batch[len(batch) - (mask.dim() - 2) :] + "LS" if mask.dim() >= 2 else "S")
     positional = call.arg(5, "is_causal", False) or mask is not None
-    grouped = bool(call.kwargs.get("enable_gqa", False))
     for t, sub in zip(operands, subs):
         s = tr.state(t)
-        if s is not None and ((positional and sub[s.axis] in "LS") or (grouped and sub[s.axis] in batch)):
-            tr.union(s.var, FIXED)  # masks depend on positions; grouped heads cannot move freely
-    return _contract(tr, call, operands, subs, batch + "LE")
+        if s is not None and positional and sub[s.axis] in "LS":
+            tr.union(s.var, FIXED)  # masks depend on positions
+    if bool(call.kwargs.get("enable_gqa", False)) and q.dim() >= 3 and q.shape[-3] != k.shape[-3]:
+        subs = _grouped_heads(tr, q, k, v, subs)
+    return _contract(tr, call, operands, subs, subs[0][:-2] + "LE")
+
+
+def _grouped_heads(tr: Tracer, q: Tensor, k: Tensor, v: Tensor, subs: list[str]) -> list[str]:
+    """``enable_gqa``: key/value head ``g`` serves query heads ``g·r … g·r + r − 1``. The
+    query heads get their own letter, tied to move in blocks of ``r`` with the key/value
+    heads (whose letter stays shared by k and v)."""
+    r = q.shape[-3] // k.shape[-3]
+    head_q = tr.state(q)
+    heads_kv = [s for s in (tr.state(k), tr.state(v)) if s is not None and s.axis == s_axis(k, -3)]
+    if head_q is not None and head_q.axis == s_axis(q, -3) and heads_kv:
+        tr.union(head_q.var, tr.vars.new_defined("gqa", head_q.size, [(heads_kv[0].var, r, 1, 0)]))
+    else:
+        tr.fix(head_q if head_q is not None and head_q.axis == s_axis(q, -3) else None)
+        for s in heads_kv:
+            tr.fix(s)
+    renamed = [sub[:-3] + "H" + sub[-2:] if n in (0,) else sub for n, sub in enumerate(subs)]
+    return renamed
+
+
+def s_axis(t: Tensor, axis: int) -> int:
+    return axis % t.dim()

@@ -9,6 +9,7 @@ axis, and any other use of a parameter pins it.
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Any
 
@@ -117,6 +118,43 @@ def _attribute(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
     return s.moved(order.index(s.axis))
 
 
+@register_rule("type_as", params=True)
+def _type_as(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
+    """``x.type_as(other)``: ``x``'s values in ``other``'s dtype (``other`` only lends its type)."""
+    x = call.args[0]
+    return tr.param(x) or tr.state(x)
+
+
+@register_rule("index_add", "index_add_", "index_copy", "index_copy_")
+def _index_add(tr: Tracer, call: OpCall) -> Feature | None:
+    """``out.index_add_(dim, index, source)`` along another axis than the units' (Mixtral
+    scatters each expert's tokens back): ``out`` and ``source`` share the units."""
+    target, dim, index, source = call.args[0], call.arg(1, "dim"), call.arg(2, "index"), call.arg(3, "source")
+    s_t, s_s = tr.state(target), tr.state(source)
+    if tr.state(index) is not None:
+        tr.unsupported(call, "its index is computed from a permuted tensor")
+        return None
+    dim = dim % target.dim()
+    ref = s_t or s_s
+    if ref is None:
+        return None
+    if ref.axis == dim:
+        tr.unsupported(
+            call, "it scatters along the permuted axis (scattering along another axis is supported)"
+        )
+        return None
+    for s in (s_t, s_s):
+        if s is not None and s.layout != ref.layout:
+            tr.fix(s_t)
+            tr.fix(s_s)
+            return None
+    if s_t is None and bool(target.count_nonzero()):
+        tr.fix(s_s)  # added onto a constant that is not zero: it cannot move
+        return None
+    var = tr.union(s_t.var, s_s.var) if s_t is not None and s_s is not None else ref.var
+    return Feature(ref.axis, tr.find(var), ref.size, ref.inner, ref.outer)
+
+
 @register_rule("softmax", "log_softmax", "softmin", "normalize")
 def _equivariant(tr: Tracer, call: OpCall) -> Feature | None:
     return tr.state(call.args[0])
@@ -143,13 +181,74 @@ def _prod(values) -> int:
 
 
 def _reshape_ref(tr: Tracer, ref: ParamRef, shape_in: torch.Size, shape_out: torch.Size) -> ParamRef | None:
-    """A reshape of a parameter view that only adds or drops axes of length 1."""
-    kept_in = [a for a, d in zip(ref.axes, shape_in) if d != 1]
-    if [d for d in shape_in if d != 1] != [d for d in shape_out if d != 1]:
-        tr.fix_tensor(ref)
-        return None
-    it = iter(kept_in)
-    return ParamRef(ref.name, tuple(next(it) if d != 1 else None for d in shape_out))
+    """A reshape of a parameter view, group by group of axes whose sizes multiply alike:
+    an axis kept is followed; axes merged into one become a merged axis, and a merged axis
+    split back into the parameter's own axes is followed again (weight standardisation
+    normalises ``w.reshape(1, out, -1)`` and reshapes it back); any other split or merge of
+    a parameter axis keeps that axis in place."""
+    own = tr.shapes[ref.name]
+    followed = [a for e in ref.axes if e is not None for a in (e if isinstance(e, tuple) else (e,))]
+    if tuple(shape_out) == tuple(own) and [a for a in followed if own[a] != 1] == [
+        a for a in range(len(own)) if own[a] != 1
+    ]:
+        return ParamRef(ref.name, tuple(range(len(own))))  # back to the parameter's own layout
+    out: list[int | tuple[int, ...] | None] = []
+    for ins, outs in _reshape_groups(list(shape_in), list(shape_out)):
+        entries = [ref.axes[k] for k in ins if shape_in[k] != 1]
+        real = [e for e in entries if e is not None]
+        sizes_out = [shape_out[k] for k in outs]
+        if not real:
+            out += [None] * len(outs)
+        elif len(entries) == 1 and len(outs) == 1:
+            out.append(entries[0])
+        elif len(outs) == 1 and all(isinstance(e, int) for e in entries) and _consecutive(entries):
+            out.append(tuple(entries))  # type: ignore[arg-type]
+        elif (
+            len(entries) == 1
+            and isinstance(entries[0], tuple)
+            and [tr.shapes[ref.name][a] for a in entries[0]] == [d for d in sizes_out if d != 1]
+        ):
+            split = iter(entries[0])
+            out += [next(split) if d != 1 else None for d in sizes_out]
+        else:
+            for entry in real:
+                tr.pin_axes(ref.name, entry)
+            out += [None] * len(outs)
+    return ParamRef(ref.name, tuple(out))
+
+
+def _consecutive(axes: list) -> bool:
+    return all(b == a + 1 for a, b in itertools.pairwise(axes))
+
+
+def _reshape_groups(shape_in: list[int], shape_out: list[int]) -> list[tuple[list[int], list[int]]]:
+    """The input and output axes of a row-major reshape in minimal groups of equal product
+    (axes of length 1 are groups of their own on one side)."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(shape_in) or j < len(shape_out):
+        if i < len(shape_in) and shape_in[i] == 1:
+            groups.append(([i], []))
+            i += 1
+            continue
+        if j < len(shape_out) and shape_out[j] == 1:
+            groups.append(([], [j]))
+            j += 1
+            continue
+        ins, outs, p, q = [], [], 1, 1
+        while True:
+            if p <= q and i < len(shape_in):
+                p, ins = p * shape_in[i], [*ins, i]
+                i += 1
+            elif j < len(shape_out):
+                q, outs = q * shape_out[j], [*outs, j]
+                j += 1
+            else:
+                break
+            if p == q and ins and outs:
+                break
+        groups.append((ins, outs))
+    return groups
 
 
 @register_rule(
@@ -175,19 +274,47 @@ def _reshape(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
 
 
 def _split(tr: Tracer, call: OpCall, s: Feature) -> Feature | None:
-    """An axis of units split into ``(heads, per_head)`` (multi-head attention written by
-    hand): the units move in whole blocks of ``per_head``, permuted on the first new axis."""
+    """An axis of units split into factors (multi-head attention: ``(heads, head_dim)``;
+    timm's fused ``(3, heads, head_dim)``; heads merged into the batch axis): the units are
+    regrouped so that whole blocks of them land on one output axis.
+
+    The ``size`` units are written ``hi × f × lo`` (row-major): a new group of ``f`` units
+    acts alike on every ``hi`` and moves blocks of ``lo`` consecutive units, so on the input
+    it is the feature ``(size f, inner lo·inner, outer hi·outer)``, which the reshape keeps on
+    one axis. Of the regroupings the reshape keeps, one whose block index is a whole output
+    axis is preferred, with the smallest ``lo > 1`` (the heads of ``(…, heads, head_dim)``
+    and of ``(…, 3, heads, head_dim)``: the innermost factor is where rotary embeddings and
+    per-head norms act), then ``lo = 1``; a block index merged with other axes (heads folded
+    into the batch axis) comes last."""
     x, out = call.args[0], call.out
-    pre = _prod(x.shape[: s.axis])
-    for a in range(out.dim() - 1):
-        heads, per_head = out.shape[a], out.shape[a + 1]
-        if _prod(out.shape[:a]) == pre and heads * per_head == s.size and s.inner == s.outer == 1:
-            name = tr.vars.names[s.var] + ".heads"
-            head = tr.new_var(name, heads)
-            tr.union(s.var, tr.vars.new_defined(name, s.size, [(head, per_head, 1, 0)]))
-            return Feature(a, head, heads)
-    tr.unsupported(call, f"reshaping {tuple(x.shape)} -> {tuple(out.shape)} splits the permuted axis")
-    return None
+    candidates = []
+    for f in range(2, s.size + 1):
+        if s.size % f:
+            continue
+        for lo in range(1, s.size // f + 1):
+            if (s.size // f) % lo:
+                continue
+            hi = s.size // (f * lo)
+            regrouped = Feature(s.axis, s.var, f, lo * s.inner, hi * s.outer)
+            axis = _reshape_target(x.shape, out.shape, regrouped)
+            if axis is not None:
+                exact = out.shape[axis] == f  # the block index is a whole output axis
+                candidates.append(((not exact, lo == 1, lo, -f), f, lo, hi, regrouped, axis))
+    if not candidates:
+        tr.unsupported(
+            call,
+            f"reshaping {tuple(x.shape)} -> {tuple(out.shape)} splits the permuted axis so that no "
+            "block of its units stays on one axis (a split into factors such as (heads, head_dim) "
+            "is supported)",
+        )
+        return None
+    _, f, lo, hi, regrouped, axis = min(candidates, key=lambda c: c[0])
+    name = tr.vars.names[s.var] + ".heads"
+    head = tr.new_var(name, f)
+    tr.union(s.var, tr.vars.new_defined(name, s.size, [(head, lo, hi, 0)]))
+    moved = Feature(regrouped.axis, head, f, regrouped.inner, regrouped.outer)
+    outer = moved.outer * _prod(x.shape[: s.axis]) // _prod(out.shape[:axis])
+    return Feature(axis, head, f, out.shape[axis] // (outer * f), outer)
 
 
 def _axis_order(call: OpCall, ndim: int) -> list[int]:
@@ -278,7 +405,48 @@ def _pool(tr: Tracer, call: OpCall) -> Feature | None:
 
 @register_rule("pad")
 def _pad(tr: Tracer, call: OpCall) -> Feature | None:
-    return _spatial(tr, call, len(call.arg(1, "pad")) // 2)
+    """``F.pad``: padding other axes (Swin pads height and width of ``(B, H, W, C)``) keeps
+    the units; a non-zero padding of the permuted axis would add units that do not exist."""
+    x, pad = call.args[0], list(call.arg(1, "pad"))
+    s = tr.state(x)
+    if s is None:
+        return None
+    from_end = x.dim() - 1 - s.axis
+    if any(pad[2 * from_end : 2 * from_end + 2]):
+        tr.fix(s)  # padded positions along the units: they stay in place
+        return None
+    return s
+
+
+@register_rule("roll")
+def _roll(tr: Tracer, call: OpCall) -> Feature | None:
+    """``torch.roll`` over other axes (Swin's cyclic shift) keeps the units."""
+    x = call.args[0]
+    s = tr.state(x)
+    if s is None:
+        return None
+    dims = normalize_dims(call.arg(2, "dims"), x.dim())
+    if dims is None or s.axis in dims:
+        tr.unsupported(call, "it rolls the permuted axis (rolling other axes is supported)")
+        return None
+    return s
+
+
+@register_rule("repeat", "tile")
+def _repeat(tr: Tracer, call: OpCall) -> Feature | None:
+    """``x.repeat(r_0, …)``: copies along other axes keep the units; ``r`` copies along the
+    permuted axis are the same units ``r`` times (``outer × r``)."""
+    x, out = call.args[0], call.out
+    s = tr.state(x)
+    if s is None:
+        return None
+    reps = call.args[1:] if len(call.args) > 1 else (call.kwargs.get("repeats") or call.kwargs.get("dims"))
+    reps = list(reps[0]) if len(reps) == 1 and not isinstance(reps[0], int) else list(reps)
+    if len(reps) < x.dim():
+        reps = [1] * (x.dim() - len(reps)) + reps
+    axis = s.axis + out.dim() - x.dim()
+    r = reps[len(reps) - x.dim() + s.axis]
+    return Feature(axis, s.var, s.size, s.inner, s.outer * r)
 
 
 @register_rule("interpolate", "upsample", "upsample_nearest", "upsample_bilinear")
@@ -332,7 +500,7 @@ def _split_op(tr: Tracer, call: OpCall) -> list[Feature | None] | None:
         axis = s.axis - (1 if call.name == "unbind" and dim < s.axis else 0)
         return [s.moved(axis)] * len(outputs)
     if call.name == "unbind" or s.inner != 1 or s.outer != 1:
-        tr.unsupported(call, "it splits the permuted axis into single units or blocks of another layout")
+        tr.fix(s)  # single units or blocks of another layout picked out: they stay in place
         return None
     pieces, offset, states = [], 0, []
     for k, t in enumerate(outputs):
@@ -396,16 +564,27 @@ def _index_ref(tr: Tracer, call: OpCall, ref: ParamRef) -> ParamRef | None:
     x, out = call.args[0], call.out
     rows = _index_map(x, _index_items(call.args[1]))
     if rows is None:
-        tr.fix_tensor(ref)
-        return None
-    axes: list[int | None] = [None] * out.dim()
+        return _gathered_ref(tr, x, _index_items(call.args[1]), ref)
+    axes: list = [None] * out.dim()
     for axis, item, target in rows:
         whole = isinstance(item, slice) and item == slice(None)
         if whole and target >= 0:
             axes[target] = ref.axes[axis]
-        elif ref.axes[axis] is not None:  # this parameter axis is indexed into: it stays put
-            tr.pin_axis(ref.name, ref.axes[axis])
+        else:  # this parameter axis is indexed into: it stays put
+            tr.pin_axes(ref.name, ref.axes[axis])
     return ParamRef(ref.name, tuple(axes))
+
+
+def _gathered_ref(tr: Tracer, x: Tensor, items: tuple, ref: ParamRef) -> ParamRef | None:
+    """``table[index]`` with one integer index tensor on the leading axis (Swin's and BEiT's
+    relative-position bias ``table[index]``, one column per head): that axis is read at
+    fixed positions and stays put; the other axes are followed."""
+    index = items[0] if len(items) == 1 else None
+    if isinstance(index, Tensor) and not index.is_floating_point() and index.dtype != torch.bool:
+        tr.pin_axes(ref.name, ref.axes[0])
+        return ParamRef(ref.name, (None,) * index.dim() + ref.axes[1:])
+    tr.fix_tensor(ref)
+    return None
 
 
 @register_rule("__getitem__", params=True)
@@ -431,10 +610,51 @@ def _getitem(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
         if axis == s.axis:
             if isinstance(item, slice) and item == slice(None) and target >= 0:
                 return s.moved(target)
+            if isinstance(item, slice) and target >= 0:
+                return _slice(tr, s, item, x.shape[s.axis], target)
+            if isinstance(item, int):  # one unit picked out: it must stay where it is
+                tr.fix(s)
+                return None
             tr.unsupported(call, "it indexes into the permuted axis")
             return None
     tr.unsupported(call, "could not follow the permuted axis through this indexing")
     return None
+
+
+def _slice(tr: Tracer, s: Feature, item: slice, length: int, target: int) -> Feature | None:
+    """``x[..., a:b]`` on the permuted axis (GhostNet's ``cat(...)[:, :out]``, RexNet's
+    ``x[:, :C]``, DPN's dual path): the units become segments ``[0, a)``, ``[a, b)``,
+    ``[b, n)``, each permuted within itself, and the slice carries the middle one. A slice
+    that is already a run of whole segments of a concatenation carries those. Strided slices
+    and blocked layouts keep the units in place."""
+    start, stop, step = item.indices(length)
+    if step != 1 or s.inner != 1 or s.outer != 1 or stop <= start:
+        tr.fix(s)
+        return None
+    if (start, stop) == (0, length):
+        return s.moved(target)
+    definition = tr.vars.definition(s.var)
+    if definition is not None:
+        inside = [p for p in definition if start <= p[3] and p[3] + _part_length(tr, p) <= stop]
+        if sum(_part_length(tr, p) for p in inside) == stop - start and all(p[1:3] == (1, 1) for p in inside):
+            parts = [(v, 1, 1, offset - start) for v, _, _, offset in inside]
+            return Feature(target, tr.vars.new_defined("slice", stop - start, parts), stop - start)
+        tr.fix(s)  # a slice cutting a segment of a concatenation: keep it all in place
+        return None
+    name = tr.vars.names[s.var]
+    pieces, middle = [], FIXED
+    for lo, hi in ((0, start), (start, stop), (stop, length)):
+        if hi > lo:
+            var = tr.new_var(f"{name}[{lo}:{hi}]", hi - lo)
+            pieces.append((var, 1, 1, lo))
+            middle = var if lo == start else middle
+    tr.union(s.var, tr.vars.new_defined(name, length, pieces))
+    return Feature(target, middle, stop - start)
+
+
+def _part_length(tr: Tracer, part: tuple[int, int, int, int]) -> int:
+    var, inner, outer, _ = part
+    return tr.vars.sizes[var] * inner * outer
 
 
 def _stacked_slice(tr: Tracer, x: Tensor, items: tuple, stacked: Stacked) -> Feature | None:
@@ -475,13 +695,30 @@ def _setitem(tr: Tracer, call: OpCall) -> None:
         tr.unsupported(call, "its index is computed from a permuted tensor")
         return None
     s_t, s_v = tr.state(target), tr.state(value)
-    if (
-        s_t is not None
-        and s_v is not None
-        and (s_t.axis, s_t.size) == (s_v.axis + target.dim() - value.dim(), s_v.size)
-    ):
-        tr.union(s_t.var, s_v.var)
-        return None
+    if s_t is not None and s_v is not None:
+        written = _written_part(tr, call, target, index, s_t)
+        if written is not None and written.layout == (
+            s_v.axis + written_dim(call) - value.dim(),
+            *s_v.layout[1:],
+        ):
+            tr.union(written.var, s_v.var)
+            return None
     tr.fix(s_t)  # partly permuted content cannot be permuted as a whole
     tr.fix(s_v)
+    return None
+
+
+def written_dim(call: OpCall) -> int:
+    """Number of axes of ``target[index]`` in ``target[index] = value``."""
+    return call.args[0][call.args[1]].dim()
+
+
+def _written_part(tr: Tracer, call: OpCall, target: Tensor, index: Any, s: Feature) -> Feature | None:
+    """The feature of ``target[index]`` (RexNet's ``x[:, :C] += shortcut`` writes a segment)."""
+    rows = _index_map(target, _index_items(index))
+    if rows is None:
+        return None
+    for axis, item, out_axis in rows:
+        if axis == s.axis and isinstance(item, slice) and out_axis >= 0:
+            return _slice(tr, s, item, target.shape[s.axis], out_axis)
     return None

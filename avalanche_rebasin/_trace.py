@@ -78,7 +78,7 @@ class ParamRef:
     parameter's axis ``axes[k]`` (``None``: an axis the view added)."""
 
     name: str
-    axes: tuple[int | None, ...]
+    axes: tuple[int | tuple[int, ...] | None, ...]  # a tuple: parameter axes merged, row-major
 
 
 @dataclass
@@ -206,6 +206,10 @@ class ParameterAxes:
         if target is None:  # an axis the view added: broadcast, nothing to permute
             self.fix_vars(parts)
             return
+        if isinstance(target, tuple):  # parameter axes merged into one: kept in place
+            self.fix_vars(parts)
+            self.pin_axes(ref.name, target)
+            return
         key = (ref.name, target % len(self.shapes[ref.name]))
         self.assignments.setdefault(key, []).append(tuple(parts))
         self.claimed.add(ref.name)
@@ -231,6 +235,11 @@ class ParameterAxes:
         for axis in range(len(self.shapes[ref.name])):
             if axis not in kept:
                 self.pin_axis(ref.name, axis)
+
+    def pin_axes(self, name: str, axes: int | tuple[int, ...] | None) -> None:
+        """The parameter axes one view axis stands for stay unpermuted."""
+        for axis in (axes if isinstance(axes, tuple) else () if axes is None else (axes,)):
+            self.pin_axis(name, axis)
 
     def pin_axis(self, name: str, axis: int) -> None:
         """Axis ``axis`` of parameter/buffer ``name`` stays unpermuted."""

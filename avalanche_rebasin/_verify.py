@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.overrides import TorchFunctionMode
 
+from .model_inputs import call_model
 from .permute import permute, random_permutation
 from .spec import PermutationSpec
 
@@ -64,7 +65,7 @@ def _outputs(module: nn.Module, args: tuple, train: bool, reachable) -> list[Ten
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     with torch.no_grad(), torch.random.fork_rng(devices=devices), _Deterministic():
         torch.manual_seed(0)
-        return [t for t in reachable(module(*args)) if isinstance(t, Tensor)]
+        return [t for t in reachable(call_model(module, args)) if isinstance(t, Tensor)]
 
 
 def _difference(a: list[Tensor], b: list[Tensor]) -> float:

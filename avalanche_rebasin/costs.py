@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+
+from .model_inputs import call_with_state
 
 __all__ = [
     "CosineCost",
@@ -81,7 +82,7 @@ def functional_loss(model: nn.Module, state: State, batch: Any, loss_fn: LossFn)
     x, y = batch[0], batch[1]
     buffers = {name for name, _ in model.named_buffers()}
     state = {k: v.detach().clone() if k in buffers else v for k, v in state.items()}
-    return loss_fn(functional_call(model, state, (x,)), y)
+    return loss_fn(call_with_state(model, state, x), y)
 
 
 @dataclass

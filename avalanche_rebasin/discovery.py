@@ -48,6 +48,7 @@ from ._trace import (
     register_rule,
 )
 from ._verify import check_spec
+from .model_inputs import call_model
 from .permute import private_copy
 from .spec import PermutationSpec
 
@@ -116,7 +117,7 @@ def _unwrap_compiled(model: nn.Module) -> tuple[nn.Module, str]:
     return model, ""
 
 
-def _run(tracer: Tracer, model: nn.Module, args: tuple, train: bool) -> None:
+def _run(tracer: Tracer, model: nn.Module, example_input: Any, train: bool) -> None:
     """One traced forward pass; pins its outputs and the tensors it stored."""
     model.train(train)
     for module in model.modules():
@@ -134,7 +135,7 @@ def _run(tracer: Tracer, model: nn.Module, args: tuple, train: bool) -> None:
         handles.append(module.register_forward_hook(leave))
     try:
         with torch.no_grad(), tracer:
-            output = model(*args)
+            output = call_model(model, example_input)
     finally:
         for handle in handles:
             handle.remove()
@@ -172,7 +173,7 @@ def _untouched(model: nn.Module) -> Iterator[None]:
             module.train(mode)
 
 
-def _trace(runner: nn.Module, args: tuple, unsupported: UnsupportedPolicy) -> PermutationSpec:
+def _trace(runner: nn.Module, example_input: Any, unsupported: UnsupportedPolicy) -> PermutationSpec:
     named = [*runner.named_parameters(), *runner.named_buffers()]
     tracer = Tracer({id(t): n for n, t in named}, {n: t.shape for n, t in named}, unsupported)
     tracer.module_types = module_types(runner)
@@ -180,7 +181,7 @@ def _trace(runner: nn.Module, args: tuple, unsupported: UnsupportedPolicy) -> Pe
     for train in (False, True):
         try:
             with torch.random.fork_rng(devices=devices):  # dropout must not move the user's RNG
-                _run(tracer, runner, args, train)
+                _run(tracer, runner, example_input, train)
         except UnsupportedOperationError:
             raise
         except Exception as error:
@@ -205,7 +206,8 @@ def discover_spec(
 ) -> PermutationSpec:
     """Trace ``model(example_input)`` and return its :class:`PermutationSpec`.
 
-    ``example_input`` is a tensor, or a tuple of positional arguments. The forward runs
+    ``example_input`` is a tensor, a tuple of positional arguments, a dict of keyword
+    arguments or an ``(args, kwargs)`` pair (see :mod:`avalanche_rebasin.model_inputs`). The forward runs
     under ``torch.no_grad`` on a deep copy of the model, once in eval and once in train
     mode, with the random number generators restored afterwards; the model's parameters,
     buffers and train flags are left as they were. Its inputs and outputs are never
@@ -215,14 +217,13 @@ def discover_spec(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"discover_spec needs an nn.Module, got {type(model).__name__}.")
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
     target, prefix = _unwrap_compiled(model)
     _refuse_opaque(target)
     with _untouched(target):
         runner = private_copy(target)
-        spec = _trace(runner, args, unsupported)
+        spec = _trace(runner, example_input, unsupported)
         if verify:
-            spec = check_spec(runner, args, spec, unsupported == "freeze", _reachable_tensors)
+            spec = check_spec(runner, example_input, spec, unsupported == "freeze", _reachable_tensors)
     return _prefixed(spec, prefix)
 
 

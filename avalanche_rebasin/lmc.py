@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ._checks import check_same_architecture, known_empty
 from .costs import interpolate_state
+from .model_inputs import call_model, to_device
 from .permute import load_state_, model_state, private_copy
 
 __all__ = ["LMCCurve", "barrier_and_auc", "interpolate", "lmc_curve", "reestimate_batchnorm"]
@@ -65,7 +66,7 @@ def reestimate_batchnorm(
 
     def default_forward(module: nn.Module, batch: Any) -> Any:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return module(x.to(device) if device is not None else x)
+        return call_model(module, to_device(x, device) if device is not None else x)
 
     forward = forward or default_forward
     try:

@@ -34,6 +34,7 @@ from ._checks import batch_stream, check_compatible, resolve_spec
 from ._nested import nested_groups, solve_nested
 from .blocks import blocked_hard_permutation
 from .costs import functional_loss, interpolate_state
+from .model_inputs import call_model
 from .permute import (
     identity_permutation,
     model_state,
@@ -300,7 +301,7 @@ def _correlate(
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             for side, model in enumerate(copies):
                 captured[side].clear()
-                model(x)
+                call_model(model, x)
             for path, stat in stats.items():
                 if path in captured[0] and path in captured[1]:
                     stat.update(captured[0][path], captured[1][path])
