@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e ".[test,benchmarks]"
+	$(BIN)/pip install -e ".[test,benchmarks,zoo]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -80,8 +80,8 @@ def _convolution(tr: Tracer, call: OpCall, w_in: int, w_out: int) -> Feature | N
     x, s, w, b, channel = _conv_parts(tr, call)
     weight, groups = call.arg(1, "weight"), call.arg(6, "groups", 1)
     if s is not None and (s.axis != channel or s.inner != 1 or s.outer != 1):
-        tr.unsupported(call, "the permuted axis of its input is not the channel axis")
-        return None
+        tr.fix(s)  # units on a spatial axis, or in blocks: the convolution sees them in place
+        s = None
     if w is None:
         return _computed_weight(tr, call, s, b)
     if groups == 1:

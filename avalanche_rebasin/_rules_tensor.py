@@ -77,7 +77,10 @@ def _elementwise(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
             first.inner,
             first.outer,
         ):
-            tr.unsupported(call, "its operands are permuted along different axes or layouts")
+            for _, other in permuted:  # no common layout: every operand keeps its units in place
+                tr.fix(other)
+            for t in tensors:
+                tr.fix_tensor(tr.param(t))
             return None
         var = tr.union(var, s.var)
     feature = Feature(axis, var, first.size, first.inner, first.outer)
@@ -123,6 +126,21 @@ def _type_as(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
     """``x.type_as(other)``: ``x``'s values in ``other``'s dtype (``other`` only lends its type)."""
     x = call.args[0]
     return tr.param(x) or tr.state(x)
+
+
+@register_rule("topk", "sort", "argsort", "kthvalue")
+def _order(tr: Tracer, call: OpCall) -> Feature | None:
+    """Ordering along another axis keeps the units; ordering along the units (Mixtral's
+    router picks its top experts) depends on where they are, so they stay in place."""
+    x = call.args[0]
+    s = tr.state(x)
+    if s is None:
+        return None
+    dim = call.arg(2 if call.name in ("topk", "kthvalue") else 1, "dim", -1) % x.dim()
+    if dim == s.axis:
+        tr.fix(s)
+        return None
+    return s
 
 
 @register_rule("index_add", "index_add_", "index_copy", "index_copy_")
@@ -675,7 +693,7 @@ def _advanced_getitem(tr: Tracer, call: OpCall, s: Feature) -> Feature | None:
     tensors = [k for k, i in enumerate(items) if isinstance(i, (Tensor, list))]
     before = items[: tensors[0]] if len(tensors) == 1 else None
     if before is None or any(i is Ellipsis or i is None for i in items) or tensors[0] >= s.axis:
-        tr.unsupported(call, "advanced indexing that touches the permuted axis")
+        tr.fix(s)  # a gather that reads the units at fixed positions: they stay in place
         return None
     index = items[tensors[0]]
     removed = _consumed(index) if isinstance(index, Tensor) else 1

@@ -238,7 +238,7 @@ class ParameterAxes:
 
     def pin_axes(self, name: str, axes: int | tuple[int, ...] | None) -> None:
         """The parameter axes one view axis stands for stay unpermuted."""
-        for axis in (axes if isinstance(axes, tuple) else () if axes is None else (axes,)):
+        for axis in axes if isinstance(axes, tuple) else () if axes is None else (axes,):
             self.pin_axis(name, axis)
 
     def pin_axis(self, name: str, axis: int) -> None:

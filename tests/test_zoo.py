@@ -1,0 +1,88 @@
+"""The reach zoo's fast subset: third-party timm and transformers models (random init, tiny
+configurations) keep their function under a random permutation of the discovered spec, in
+eval and train mode; weight matching and Sinkhorn C_L2 undo a hidden permutation exactly.
+The whole zoo is ``benchmarks/zoo.py``."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from avalanche_rebasin import PermutationSpec, align, permute, random_permutation, weight_matching
+from avalanche_rebasin_experiments.zoo import FAST, ZOO_BY_NAME, check_entry, flat_outputs
+
+pytest.importorskip("timm")
+pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_zoo_model_is_permuted_without_changing_its_function(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = check_entry(ZOO_BY_NAME[name])
+    assert result.verdict == "preserved", result.reason
+    assert result.groups >= 3 and result.untouched
+
+
+def _spec_of(name):
+    entry = ZOO_BY_NAME[name]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = entry.build().eval()
+    return model, entry.example(), PermutationSpec.from_model(model, entry.example())
+
+
+def test_attention_heads_are_groups_in_timm_vit_gpt2_and_grouped_query_llama():
+    _, _, vit = _spec_of("vit_tiny_patch16_224")
+    assert any(g.endswith(".heads") and n == 2 for g, n in vit.group_sizes.items())  # timm's fused qkv
+    _, _, gpt2 = _spec_of("gpt2")
+    assert sum(g.endswith(".heads") for g in gpt2.group_sizes) == 2  # one per layer, Conv1D's addmm
+    _, _, llama = _spec_of("llama")  # 4 query heads share 2 key/value heads
+    heads = [g for g in llama.group_sizes if g.endswith(".heads")]
+    assert len(heads) == 2 and all(llama.group_sizes[g] == 2 for g in heads)
+    q = llama.axes["model.layers.0.self_attn.q_proj.weight"][0]
+    assert q.inner == 16  # a key/value head moves its 2 query heads of 8 dimensions with it
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "gpt2", "llama"])
+def test_weight_matching_and_sinkhorn_recover_a_hidden_permutation(name):
+    model, _, spec = _spec_of(name)
+    perms = random_permutation(spec, torch.Generator().manual_seed(3))
+    hidden = permute(model, spec, perms)
+    wm = weight_matching(model, hidden, spec=spec)
+    recovered = permute(hidden, spec, wm)
+    assert all(
+        torch.equal(a, b) for a, b in zip(recovered.state_dict().values(), model.state_dict().values())
+    )
+    res = align(model, hidden, spec=spec, cost="l2", init="identity", steps=300, progress=False)
+    recovered = permute(hidden, spec, res.permutations)
+    assert all(
+        torch.equal(a, b) for a, b in zip(recovered.state_dict().values(), model.state_dict().values())
+    )
+
+
+class _KeywordModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x, *, scale=None):
+        h = torch.relu(self.fc1(x))
+        return {"logits": self.fc2(h * (1.0 if scale is None else scale))}
+
+
+@pytest.mark.parametrize("form", ["dict", "args-kwargs"])
+def test_example_input_may_be_keywords(form):
+    model, x = _KeywordModel(), torch.randn(5, 4)
+    example = {"x": x, "scale": 2.0} if form == "dict" else ((x,), {"scale": 2.0})
+    spec = PermutationSpec.from_model(model, example)
+    assert spec.group_sizes == {"fc1": 8}
+    permuted = permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(0)))
+    a, b = flat_outputs(model(x, scale=2.0)), flat_outputs(permuted(x, scale=2.0))
+    assert torch.allclose(a[0], b[0], atol=1e-6)
+    wm = weight_matching(model, permuted, example_input=example)
+    assert torch.equal(wm["fc1"].sort().values, torch.arange(8))
