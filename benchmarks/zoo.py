@@ -2,6 +2,7 @@
 
     python benchmarks/zoo.py                 # the whole zoo -> results/zoo/
     python benchmarks/zoo.py --only gpt2 llama
+    python benchmarks/zoo.py --cost          # full-size ViT-B/16 and a 12-layer Llama -> results/zoo/cost.*
 
 Each model is built with random initialisation from a tiny configuration (no download),
 its spec discovered with ``PermutationSpec.from_model`` (verification on), a random
@@ -18,13 +19,76 @@ import csv
 import dataclasses
 import json
 import os
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from avalanche_rebasin_experiments.zoo import ZOO, check_entry
+
+
+def _full_size() -> list[tuple[str, Callable[[], nn.Module], Callable[[], object]]]:
+    """ViT-B/16 at 224² (timm) and a 12-layer Llama-style decoder of width 768 (transformers)."""
+
+    def vit() -> nn.Module:
+        import timm
+
+        return timm.create_model("vit_base_patch16_224", pretrained=False)
+
+    def llama() -> nn.Module:
+        import transformers
+
+        config = transformers.LlamaConfig(
+            vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+            num_attention_heads=12, num_key_value_heads=4, use_cache=False,
+        )  # fmt: skip
+        return transformers.LlamaForCausalLM(config)
+
+    def image() -> object:
+        return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+    def tokens() -> object:
+        return {"input_ids": torch.randint(32000, (2, 16), generator=torch.Generator().manual_seed(0))}
+
+    return [("vit_base_patch16_224 (224²)", vit, image), ("llama 12 x 768 (GQA 12/4)", llama, tokens)]
+
+
+def cost(out: Path) -> None:
+    """Discovery with verification and weight matching on full-size models, one thread."""
+    from avalanche_rebasin import PermutationSpec, permute, random_permutation, weight_matching
+
+    rows = []
+    for name, build, example in _full_size():
+        torch.manual_seed(0)
+        model = build().eval()
+        start = time.perf_counter()
+        spec = PermutationSpec.from_model(model, example())
+        discovery = time.perf_counter() - start
+        hidden = permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(1)))
+        start = time.perf_counter()
+        wm = weight_matching(model, hidden, spec=spec)
+        matching = time.perf_counter() - start
+        recovered = permute(hidden, spec, wm)
+        exact = all(
+            torch.equal(a, b) for a, b in zip(recovered.state_dict().values(), model.state_dict().values())
+        )
+        rows.append({"model": name, "groups": len(spec.group_sizes), "units": sum(spec.group_sizes.values()),
+                     "discovery_s": round(discovery, 2), "weight_matching_s": round(matching, 2),
+                     "recovered_exactly": exact})  # fmt: skip
+        print(rows[-1], flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cost.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [
+        "| model | groups | units | discovery + verification s | weight matching s | exact |",
+        "|---|---|---|---|---|---|",
+    ]
+    keys = ("model", "groups", "units", "discovery_s", "weight_matching_s", "recovered_exactly")
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    (out / "cost.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -34,8 +98,12 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="model names (default: the whole zoo)")
     parser.add_argument("--out", type=Path, default=Path("results/zoo"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cost", action="store_true", help="time full-size ViT-B/16 and Llama instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.cost:
+        cost(args.out)
+        return
     entries = [e for e in ZOO if not args.only or e.name in args.only]
     unknown = set(args.only or []) - {e.name for e in ZOO}
     if unknown:

@@ -86,3 +86,49 @@ def test_example_input_may_be_keywords(form):
     assert torch.allclose(a[0], b[0], atol=1e-6)
     wm = weight_matching(model, permuted, example_input=example)
     assert torch.equal(wm["fc1"].sort().values, torch.arange(8))
+
+
+def _tiny_vit(classes: int) -> nn.Module:
+    import timm
+
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, in_chans=1, embed_dim=16,
+        depth=1, num_heads=2, num_classes=classes, drop_rate=0.0,
+    )  # fmt: skip
+
+
+def test_both_continual_strategies_train_a_timm_vit_and_rebasin_commits_its_formula():
+    from avalanche.training.plugins import ReplayPlugin
+    from test_strategy import N_CLASSES, _benchmark, _recording, _stream_accuracy
+
+    from avalanche_rebasin import permute_state
+    from avalanche_rebasin.interpolation_plugin import InterpolationStrategy
+
+    torch.manual_seed(0)
+    bench = _benchmark(image=True)
+    model = _tiny_vit(N_CLASSES)
+    strategy, recorder = _recording(model, plugins=[ReplayPlugin(mem_size=30)], alpha=0.3)
+    for exp in bench.train_stream[:2]:
+        strategy.train(exp)
+        results = strategy.eval(bench.test_stream)
+    theta, hard, delta, spec = recorder.recorded
+    assert any(g.endswith(".heads") for g in spec.group_sizes)  # the fused qkv's heads are permuted
+    permuted = permute_state(theta, spec, hard)
+    for name, value in model.named_parameters():
+        expected = 0.7 * theta[name] + 0.3 * permuted[name] + delta[name]
+        torch.testing.assert_close(value.detach(), expected, rtol=1e-6, atol=1e-6)
+    assert 0.0 <= _stream_accuracy(results) <= 1.0
+
+    torch.manual_seed(0)
+    model = _tiny_vit(N_CLASSES)
+    interp = InterpolationStrategy(
+        model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), train_mb_size=32, train_epochs=1,
+        eval_mb_size=64, plugins=[ReplayPlugin(mem_size=30)], alignment="weight_matching",
+    )  # fmt: skip
+    before = None
+    for exp in bench.train_stream[:2]:
+        interp.train(exp)
+        before = before or {k: v.clone() for k, v in model.state_dict().items()}
+    after = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
