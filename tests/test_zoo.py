@@ -122,8 +122,8 @@ def test_both_continual_strategies_train_a_timm_vit_and_rebasin_commits_its_form
     torch.manual_seed(0)
     model = _tiny_vit(N_CLASSES)
     interp = InterpolationStrategy(
-        model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), train_mb_size=32, train_epochs=1,
-        eval_mb_size=64, plugins=[ReplayPlugin(mem_size=30)], alignment="weight_matching",
+        model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), train_mb_size=32,
+        train_epochs=1, eval_mb_size=64, plugins=[ReplayPlugin(mem_size=30)], alignment="weight_matching",
     )  # fmt: skip
     before = None
     for exp in bench.train_stream[:2]:
