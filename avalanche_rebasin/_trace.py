@@ -404,7 +404,12 @@ def _refusal(call: OpCall, reason: str, module_types: dict[str, str]) -> str:
 def no_rule(tr: Tracer, call: OpCall) -> None:
     """Ops without a rule: fine on unpermuted data, otherwise unsupported."""
     if any(tr.state(t) is not None for t in call.tensors()):
-        tr.unsupported(call, "there is no rule for this op")
+        tr.unsupported(
+            call,
+            "there is no rule for this op (what works nearby: element-wise ops, reductions and "
+            "reshapes over other axes than the units, linear/conv/norm layers, matmul/einsum; "
+            "register_rule teaches discovery how this op moves the units)",
+        )
     return None
 
 
