@@ -2,6 +2,7 @@
 
     python benchmarks/lmc.py             # MLP and BatchNorm CNN on embedded MNIST and sklearn digits
     python benchmarks/lmc.py --arch vit  # small ViT on embedded MNIST → results/lmc/transformer.*
+    python benchmarks/lmc.py --arch gpt2 llama timm-vit  # third-party transformers → zoo-transformers.*
 
 For each data set and architecture two models are trained from different seeds; model
 B is aligned to A by each method and the test loss / accuracy are measured along
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -211,7 +213,15 @@ def evaluate_pair(data_name, arch, model_a, model_b, batches, test, args, record
             )
 
 
+ZOO_ARCHS = ("gpt2", "llama", "timm-vit")  # third-party models: benchmarks/lmc_transformers.py
+
+
 def main() -> None:
+    if any(a in sys.argv for a in ZOO_ARCHS):  # `--arch gpt2 llama timm-vit`: the zoo's transformers
+        import lmc_transformers
+
+        lmc_transformers.main()
+        return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--points", type=int, default=11)

@@ -180,7 +180,40 @@ def main() -> None:
             f"{m['C_Mid']['barrier']:.3f} |"
         )
     (args.out / "zoo-transformers.md").write_text("\n".join(lines) + "\n")
+    plot(results, args.out / "zoo-transformers.png")
     print("\n".join(lines))
+
+
+def plot(results: dict, path: Path) -> None:
+    """Test loss along the path, one panel per model, one line per alignment."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {
+        "gpt2": "GPT-2 (stdlib bytes)",
+        "llama": "Llama, GQA (stdlib bytes)",
+        "timm-vit": "timm ViT (MNIST)",
+    }
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.4), squeeze=False)
+    for ax, (arch, r) in zip(axes[0], results.items()):
+        for method, style in (("naive", "k--"), ("WM", "C0-o"), ("C_Mid", "C3-s")):
+            losses = r["methods"][method]["losses"]
+            lam = [k / (len(losses) - 1) for k in range(len(losses))]
+            ax.plot(
+                lam, losses, style, ms=3, label=f"{method} (barrier {r['methods'][method]['barrier']:.2f})"
+            )
+        ax.set_title(names.get(arch, arch))
+        ax.set_xlabel("λ")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("test loss (nats)")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=150)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
