@@ -132,3 +132,34 @@ def test_both_continual_strategies_train_a_timm_vit_and_rebasin_commits_its_form
     after = model.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_timm_vit_rebasin_checkpoint_resumes_bit_identically_with_periodic_evaluation(tmp_path):
+    from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
+    from avalanche.training.plugins import ReplayPlugin
+    from test_strategy import N_CLASSES, _benchmark, _strategy, _stream_accuracy
+
+    bench = _benchmark(image=True)
+
+    def build():
+        torch.manual_seed(0)
+        model = _tiny_vit(N_CLASSES)
+        return _strategy(model, plugins=[ReplayPlugin(mem_size=30)], alpha=0.3, eval_every=1)
+
+    def train(strategy, exp):
+        torch.manual_seed(100 + exp.current_experience)  # same data order in both runs
+        return strategy.train(exp, eval_streams=[bench.test_stream])
+
+    uninterrupted = build()
+    for exp in bench.train_stream[:2]:
+        periodic = train(uninterrupted, exp)
+        assert 0.0 <= _stream_accuracy(periodic) <= 1.0  # the last periodic evaluation
+    interrupted = build()
+    train(interrupted, bench.train_stream[0])
+    save_checkpoint(interrupted, str(tmp_path / "ckpt.pkl"))
+    resumed, start = maybe_load_checkpoint(build(), str(tmp_path / "ckpt.pkl"))
+    assert start == 1
+    train(resumed, bench.train_stream[1])
+    for (name, a), b in zip(uninterrupted.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert len(resumed.reports) == len(uninterrupted.reports) == 1
