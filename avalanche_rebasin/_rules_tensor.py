@@ -714,29 +714,27 @@ def _setitem(tr: Tracer, call: OpCall) -> None:
         return None
     s_t, s_v = tr.state(target), tr.state(value)
     if s_t is not None and s_v is not None:
-        written = _written_part(tr, call, target, index, s_t)
-        if written is not None and written.layout == (
-            s_v.axis + written_dim(call) - value.dim(),
-            *s_v.layout[1:],
-        ):
-            tr.union(written.var, s_v.var)
-            return None
+        written = _written_part(tr, target, index, s_t)
+        if written is not None:
+            feature, ndim = written
+            if feature.layout == (s_v.axis + ndim - value.dim(), *s_v.layout[1:]):
+                tr.union(feature.var, s_v.var)
+                return None
     tr.fix(s_t)  # partly permuted content cannot be permuted as a whole
     tr.fix(s_v)
     return None
 
 
-def written_dim(call: OpCall) -> int:
-    """Number of axes of ``target[index]`` in ``target[index] = value``."""
-    return call.args[0][call.args[1]].dim()
-
-
-def _written_part(tr: Tracer, call: OpCall, target: Tensor, index: Any, s: Feature) -> Feature | None:
-    """The feature of ``target[index]`` (RexNet's ``x[:, :C] += shortcut`` writes a segment)."""
-    rows = _index_map(target, _index_items(index))
+def _written_part(tr: Tracer, target: Tensor, index: Any, s: Feature) -> tuple[Feature, int] | None:
+    """The feature of ``target[index]`` and its number of axes (RexNet's ``x[:, :C] += shortcut``
+    writes a segment)."""
+    items = _index_items(index)
+    rows = _index_map(target, items)
     if rows is None:
         return None
+    ndim = sum(out_axis >= 0 for _, _, out_axis in rows) + sum(i is None for i in items)
     for axis, item, out_axis in rows:
         if axis == s.axis and isinstance(item, slice) and out_axis >= 0:
-            return _slice(tr, s, item, target.shape[s.axis], out_axis)
+            feature = _slice(tr, s, item, target.shape[s.axis], out_axis)
+            return (feature, ndim) if feature is not None else None
     return None

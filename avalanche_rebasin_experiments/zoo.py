@@ -17,7 +17,6 @@ timm and transformers are the ``zoo`` extra, never a dependency of the core.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -162,6 +161,19 @@ def _hf(
 
 _LM = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 _NO_DROP = dict(attention_dropout=0.0)
+_VIT_HF = dict(
+    image_size=32,
+    patch_size=8,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+)
+
+
+def _pixels() -> dict:
+    return {"pixel_values": _image()()}
+
 
 TRANSFORMERS = [
     _hf(
@@ -314,30 +326,13 @@ TRANSFORMERS = [
         embedding_dropout=0.0,
         **_NO_DROP,
     ),
-    _hf(
-        "clip-vision",
-        "CLIPVisionConfig",
-        "CLIPVisionModel",
-        lambda: {"pixel_values": _image()()},
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        **_NO_DROP,
-    ),
+    _hf("clip-vision", "CLIPVisionConfig", "CLIPVisionModel", _pixels, **_VIT_HF, **_NO_DROP),
     _hf(
         "vit-hf",
         "ViTConfig",
         "ViTForImageClassification",
-        lambda: {"pixel_values": _image()()},
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        _pixels,
+        **_VIT_HF,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     ),
@@ -478,11 +473,3 @@ def check_entry(entry: ZooEntry, tolerance: float = 1e-6) -> ZooResult:
     model.eval()
     verdict = "preserved" if change <= tolerance else "silent-wrong"
     return ZooResult(entry.name, entry.family, verdict, groups, units, seconds, change, untouched)
-
-
-def built(entry: ZooEntry) -> nn.Module:
-    """A fresh float32 copy of the entry's model (for the benchmarks)."""
-    torch.manual_seed(0)
-    model = entry.build()
-    _no_dropout(model)
-    return copy.deepcopy(model)
