@@ -4,7 +4,10 @@ Every experience trains the model as the template would (with replay if a ``Repl
 is given). At its end the plugin aligns the trained network to the weights the experience
 started from and commits ``θ = (1 − α)·θ_old + α·π(θ_new)`` into the user's module, then
 re-estimates BatchNorm statistics on the alignment data (see
-:mod:`avalanche_rebasin.interpolation`).
+:mod:`avalanche_rebasin.interpolation`). Every experience is a transaction
+(:mod:`avalanche_rebasin.transaction`): on any exception or Ctrl-C inside it, the user's module
+and optimiser return to the experience's start, so does the plugin's state, and the error
+propagates.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from .plugin import _example_input
 from .plugin_compat import check_interpolation_plugins, order_plugins
 from .restart import fresh_initialisation, restart_seed, restart_state
 from .spec import PermutationSpec
+from .transaction import ExperienceSnapshot, guard_experiences, release_experiences
 
 __all__ = ["InterpolationStrategy", "WeightInterpolationPlugin"]
 
@@ -92,6 +96,13 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         self._previous: dict[str, torch.Tensor] | None = None
         self._alphas: float | dict[str, float] = float(alpha)
         self._experiences = 0
+        self._snapshot: tuple[ExperienceSnapshot, int, int] | None = None  # start, experiences, reports
+
+    def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        guard_experiences(strategy, self)
+
+    def after_training(self, strategy: Any, **kwargs: Any) -> None:
+        release_experiences(strategy)
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         _check_composition(self, strategy)
@@ -100,9 +111,9 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         with torch.random.fork_rng(devices=[]):  # reading a sample may draw (RandomRotation): not from yours
             _discover_spec(self, strategy, model)  # refuses an unsupported model before training
         self._alphas = tensor_alphas(model_state(model), self.alpha, self.layer_alpha, tensor_aliases(model))
-        self._previous = (
-            {k: v.detach().clone() for k, v in model_state(model).items()} if self._experiences else None
-        )
+        start = ExperienceSnapshot.take(strategy, model)
+        self._snapshot = (start, self._experiences, len(self.reports))
+        self._previous = start.state if self._experiences else None  # read only: shared with the snapshot
         if self._previous is not None and self.restart > 0:
             _restart(self, model, self._previous)
 
@@ -140,6 +151,18 @@ class WeightInterpolationPlugin(SupervisedPlugin):
                 seconds, sum(len(y) for _, y in data),
             )
         )  # fmt: skip
+
+    def rollback(self, strategy: Any) -> None:
+        """After an error inside the experience: the user's module and optimiser, the counter
+        and the reports as the experience found them."""
+        snapshot, self._snapshot, self._previous = self._snapshot, None, None
+        if snapshot is not None:
+            start, self._experiences, reports = snapshot
+            start.restore()
+            del self.reports[reports:]
+
+    def commit(self) -> None:
+        self._snapshot = None
 
     def _needs_data(self, model: nn.Module) -> bool:
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

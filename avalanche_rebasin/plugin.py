@@ -9,6 +9,11 @@ trained. At the task's end it commits ``θ_{i+1} = (1 − α)θ_i + απ_P̂(θ_
 user's module and hands ``strategy.model`` and ``strategy.optimizer`` back, before any
 other plugin's ``after_training_exp`` (the plugin moves itself to the front of the list).
 
+Every task is a transaction (:mod:`avalanche_rebasin.transaction`): on any exception or
+Ctrl-C inside it, the user's module and optimiser return to θ_i, ``strategy.model`` and
+``strategy.optimizer`` to them, the plugin's counters and reports to the task's start, and the
+error propagates; training the task again equals an uninterrupted run.
+
 So: ``train()``'s returned metrics with ``eval_every > 0`` are those of the network being
 trained (its last periodic evaluation); ``eval()`` after ``train()`` sees ``θ_{i+1}``.
 """
@@ -32,6 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Subset
 
+from ._checks import check_finite
 from .continual import (
     ExperienceReport,
     RebasinNetwork,
@@ -45,9 +51,10 @@ from .continual import (
 )
 from .continual_config import RebasinConfig
 from .lmc import reestimate_batchnorm
-from .permute import load_state_
+from .permute import load_state_, model_state
 from .plugin_compat import check_plugins
 from .spec import PermutationSpec
+from .transaction import ExperienceSnapshot, guard_experiences, release_experiences
 
 __all__ = ["RebasinPlugin", "arrange_plugins"]
 
@@ -78,6 +85,8 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
         self.network: RebasinNetwork | None = None
         self._handover: _Handover | None = None
         self._subexps_seen = 0
+        self._snapshot: _TaskSnapshot | None = None
+        self._task_done = False
 
     @property
     def active(self) -> bool:
@@ -89,11 +98,25 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
         check_plugins(strategy.plugins)
         _check_single(strategy.plugins)
         strategy.plugins = arrange_plugins(strategy.plugins, self)
+        guard_experiences(strategy, self)
+
+    def after_training(self, strategy: Any, **kwargs: Any) -> None:
+        release_experiences(strategy)
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         exp = strategy.experience
         if isinstance(exp, OnlineCLExperience):
             _check_online(exp, self.config)
+        if not isinstance(exp, OnlineCLExperience) or exp.is_first_subexp:  # a task starts
+            model = DistributedHelper.unwrap_model(strategy.model)
+            _check_trainable(model, self.trained_tasks)
+            self._snapshot = _TaskSnapshot(
+                ExperienceSnapshot.take(strategy, model),
+                self.trained_tasks,
+                len(self.reports),
+                self._subexps_seen,
+            )
+        if isinstance(exp, OnlineCLExperience):
             self._subexps_seen = 1 if exp.is_first_subexp else self._subexps_seen + 1
 
     def start_if_due(self, strategy: Any) -> None:
@@ -141,7 +164,8 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
             )
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        if not _at_task_end(strategy.experience, self._subexps_seen):
+        self._task_done = _at_task_end(strategy.experience, self._subexps_seen)
+        if not self._task_done:
             return
         if self.active:
             try:
@@ -156,6 +180,47 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
         if self._handover is not None:
             self._handover.give_back(strategy)
         self.network, self._handover = None, None
+
+    # -- the task as a transaction (see avalanche_rebasin.transaction) -------------------------
+    def rollback(self, strategy: Any) -> None:
+        """After an error inside the task: the strategy, the user's module and optimiser, the
+        counters and the reports as the task found them."""
+        snapshot, self._snapshot, self._task_done = self._snapshot, None, False
+        self._give_back(strategy)
+        if snapshot is None:
+            return
+        snapshot.start.restore()
+        self.trained_tasks, self._subexps_seen = snapshot.trained_tasks, snapshot.subexps_seen
+        del self.reports[snapshot.reports :]
+
+    def commit(self) -> None:
+        if self._task_done:
+            self._snapshot, self._task_done = None, False
+
+
+@dataclass
+class _TaskSnapshot:
+    """What a task's rollback restores."""
+
+    start: ExperienceSnapshot
+    trained_tasks: int
+    reports: int
+    subexps_seen: int
+
+
+def _check_trainable(model: nn.Module, task: int) -> None:
+    """Refuse, before the task trains, weights the method would only turn into NaN: non-finite
+    values (named) and float16 parameters (δ and the logits would be trained in float16)."""
+    buffers = {n for n, _ in model.named_buffers()}
+    check_finite(model_state(model), f"RebasinPlugin: the model before task {task}", buffers)
+    trained = (n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16)
+    half = next(trained, None)
+    if half is not None:
+        raise ValueError(
+            f"RebasinPlugin: parameter '{half}' is float16; δ and the permutation logits would be trained "
+            "in float16, whose optimiser steps overflow to NaN. Convert the model first: model.float() "
+            "(or model.to(torch.bfloat16))."
+        )
 
 
 def _at_task_end(exp: Any, subexps_seen: int) -> bool:
