@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
@@ -15,6 +17,8 @@ __all__ = [
     "batch_stream",
     "check_compatible",
     "check_finite",
+    "check_integer",
+    "check_real",
     "check_same_architecture",
     "known_empty",
     "resolve_spec",
@@ -31,6 +35,29 @@ def resolve_spec(model: nn.Module, spec: PermutationSpec | None, example_input: 
             "discovered, or pass spec= explicitly."
         )
     return PermutationSpec.from_model(model, example_input)
+
+
+def check_integer(name: str, value: Any, low: int, *, optional: bool = False) -> None:
+    """``TypeError`` unless ``value`` is an integer (not a bool; ``None`` if ``optional``),
+    ``ValueError`` if it is below ``low``; both name the argument."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        none = " or None" if optional else ""
+        raise TypeError(f"{name} must be an integer >= {low}{none}, got {value!r} ({type(value).__name__}).")
+    if value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+
+
+def check_real(name: str, value: Any, low: float | None = None, *, strict: bool = False) -> None:
+    """``TypeError`` unless ``value`` is a real number (not a bool), ``ValueError`` unless it
+    is finite and, given ``low``, ``> low`` (``strict``) or ``>= low``; both name the argument."""
+    rule = "a finite number" + ("" if low is None else f" {'>' if strict else '>='} {low:g}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {rule}, got {value!r} ({type(value).__name__}).")
+    below = low is not None and (value <= low if strict else value < low)
+    if not math.isfinite(value) or below:
+        raise ValueError(f"{name} must be {rule}, got {value!r}.")
 
 
 def check_finite(state: Mapping[str, Tensor], label: str, masks: Collection[str] = ()) -> None:

@@ -20,11 +20,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._checks import batch_stream, check_compatible, resolve_spec
+from ._checks import batch_stream, check_compatible, check_integer, check_real, resolve_spec
 from ._convergence import Convergence, ZeroCost, greedy_permutations
 from .blocks import blocked_hard_permutation, blocked_sinkhorn
 from .costs import CosineCost, Cost, L1Cost, L2Cost, LossFn, MidpointCost, RandomPointCost
 from .matching import weight_matching_state
+from .model_inputs import floating_to
 from .permute import identity_permutation, model_state, permute, private_copy, soft_permute_state
 from .sinkhorn import Sinkhorn, marginal_error, permutation_matrix
 from .spec import PermutationSpec
@@ -290,17 +291,19 @@ def align(
     ``TypeError``/``ValueError`` if a callable cost's first value is not a scalar tensor
     that depends on the permuted state.
     """
-    if not (tau > 0):
-        raise ValueError(f"tau must be > 0, got {tau!r}.")
+    _check_numbers(steps=steps, lr=lr, tau=tau, n_iter=n_iter, seed=seed, patience=patience, rtol=rtol)
     solver = sinkhorn if sinkhorn is not None else Sinkhorn(tau, n_iter, backward=sinkhorn_backward)
-    convergence = Convergence(patience, rtol)  # validates them before any work
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps!r}.")
+    convergence = Convergence(patience, rtol)
     spec = resolve_spec(model_a, spec, example_input)
     check_compatible(model_a, model_b, spec)
     theta_a, theta_b = model_state(model_a), model_state(model_b)
     params = {name for name, _ in model_a.named_parameters()}
     keys = [k for k in spec.axes if k in params and theta_a[k].is_floating_point()]
+    ref_dtype = theta_a[keys[0]].dtype if keys else torch.float32
+    work = torch.float32 if ref_dtype in HALF_TYPES else ref_dtype
+    if work != ref_dtype:  # Adam's first step on half-precision logits overflows: solve in float32
+        theta_a, theta_b = _floating_state(theta_a, work), _floating_state(theta_b, work)
+        model_a = private_copy(model_a).to(work)
     cost_fn, needs_data = _make_cost(cost, model_a, keys, loss_fn, seed)
     if needs_data and data is None:
         raise ValueError(
@@ -309,10 +312,12 @@ def align(
     batches = _batches(data, needs_data)
     if not keys:
         return _identity_result(model_b, spec, theta_a)
+    if needs_data and work != ref_dtype:
+        batches = (floating_to(batch, work) for batch in batches)
     ref = theta_a[keys[0]]
     generator = torch.Generator().manual_seed(seed)
     logits = PermutationLogits(
-        spec, _initial_logits(spec, init, theta_a, theta_b, keys, generator, ref.device, ref.dtype)
+        spec, _initial_logits(spec, init, theta_a, theta_b, keys, generator, ref.device, work)
     )
     b_subset = theta_b if needs_data else {k: theta_b[k] for k in keys}
     lower_bounded = stop_at_zero_cost and isinstance(cost, str) and cost in ("l2", "l1")
@@ -329,6 +334,24 @@ def align(
         progress,
     )
     return _result(loop, plans, reason, model_b, solver, time.perf_counter() - start)
+
+
+HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_numbers(**values: Any) -> None:
+    """Each numeric argument of :func:`align` of the right type and range, named if not."""
+    for name in ("steps", "seed"):
+        check_integer(name, values[name], 0)
+    check_integer("n_iter", values["n_iter"], 1)
+    check_integer("patience", values["patience"], 1, optional=True)
+    for name in ("lr", "tau"):
+        check_real(name, values[name], 0, strict=True)
+    check_real("rtol", values["rtol"], 0)
+
+
+def _floating_state(state: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def _result(

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._checks import check_same_architecture, known_empty
+from ._checks import check_integer, check_real, check_same_architecture, known_empty
 from .costs import interpolate_state
 from .model_inputs import call_model, to_device
 from .permute import load_state_, model_state, private_copy
@@ -36,6 +36,8 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, lam: float) -> nn.Module
 
     Raises ``ValueError`` naming the first tensor whose name or shape differs.
     """
+    if not isinstance(lam, torch.Tensor):
+        check_real("lam", lam)
     state_a, state_b = model_state(model_a), model_state(model_b)
     check_same_architecture(state_a, state_b)
     return load_state_(private_copy(model_a), interpolate_state(state_a, state_b, float(lam)))
@@ -56,6 +58,7 @@ def reestimate_batchnorm(
     given (e.g. to pass task labels). Restores the model's mode and momenta, also on
     error; returns ``model``.
     """
+    check_integer("max_batches", max_batches, 1, optional=True)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return model
@@ -125,8 +128,7 @@ def lmc_curve(
     (generator) as ``bn_data`` is read once into a list so that every point sees the same
     batches. Neither model is modified. Raises ``ValueError`` for empty ``bn_data``.
     """
-    if n_points < 2:
-        raise ValueError(f"n_points must be >= 2, got {n_points}.")
+    check_integer("n_points", n_points, 2)
     check_same_architecture(model_state(model_a), model_state(model_b))
     if isinstance(bn_data, Iterator):
         bn_data = list(bn_data)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._checks import batch_stream, check_compatible, resolve_spec
+from ._checks import batch_stream, check_compatible, check_integer, resolve_spec
 from ._nested import nested_groups, solve_nested
 from .blocks import blocked_hard_permutation
 from .costs import functional_loss, interpolate_state
@@ -171,6 +171,8 @@ def weight_matching(
     With nothing to permute (no parameter in the spec, e.g. a model without parameters)
     the result is the identity permutation of every group (``{}`` when there is none).
     """
+    check_integer("max_iter", max_iter, 1)
+    check_integer("seed", seed, 0)
     spec = resolve_spec(model_a, spec, example_input)
     check_compatible(model_a, model_b, spec)
     theta_a, theta_b = model_state(model_a), model_state(model_b)
@@ -253,6 +255,7 @@ def activation_matching(
     directly, as attention's ``out_proj``; units split by a ``chunk``) stays the identity,
     with a warning naming it: use weight matching or Sinkhorn for those.
     """
+    check_integer("max_batches", max_batches, 1, optional=True)
     spec = resolve_spec(model_a, spec, example_input)
     check_compatible(model_a, model_b, spec)
     copies = [private_copy(model_a).eval(), private_copy(model_b).eval()]

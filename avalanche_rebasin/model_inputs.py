@@ -13,13 +13,14 @@ activation matching, LMC, the strategies):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["call_model", "call_with_state", "split_input", "to_device"]
+__all__ = ["call_model", "call_with_state", "floating_to", "split_input", "to_device"]
 
 
 def split_input(example_input: Any) -> tuple[tuple, dict[str, Any]]:
@@ -52,14 +53,27 @@ def call_with_state(model: nn.Module, state: Mapping[str, Any], example_input: A
 
 def to_device(example_input: Any, device: Any) -> Any:
     """Every tensor of an input (tensor, tuple, list or mapping) moved to ``device``."""
+    return _map_leaves(example_input, lambda leaf: leaf.to(device))
+
+
+def floating_to(example_input: Any, dtype: torch.dtype) -> Any:
+    """Every floating-point tensor of an input (or a batch) cast to ``dtype``; others unchanged."""
+    return _map_leaves(
+        example_input,
+        lambda leaf: leaf.to(dtype) if isinstance(leaf, Tensor) and leaf.is_floating_point() else leaf,
+    )
+
+
+def _map_leaves(example_input: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn`` applied to every object with a ``.to`` method inside tuples, lists and mappings."""
     if (
         hasattr(example_input, "to")
         and callable(example_input.to)
         and not isinstance(example_input, nn.Module)
     ):
-        return example_input.to(device)
+        return fn(example_input)
     if isinstance(example_input, Mapping):
-        return {k: to_device(v, device) for k, v in example_input.items()}
+        return {k: _map_leaves(v, fn) for k, v in example_input.items()}
     if isinstance(example_input, (tuple, list)):
-        return type(example_input)(to_device(v, device) for v in example_input)
+        return type(example_input)(_map_leaves(v, fn) for v in example_input)
     return example_input
