@@ -59,6 +59,7 @@ __all__ = [
     "Sinkhorn",
     "UnsupportedOperationError",
     "align",
+    "atomic_save_checkpoint",
     "barrier_and_auc",
     "continual_cost",
     "discover_spec",
@@ -82,7 +83,11 @@ __all__ = [
 ]
 
 
-_AVALANCHE_EXPORTS = {"RebasinStrategy": "strategy", "RebasinPlugin": "plugin"}
+_AVALANCHE_EXPORTS = {
+    "RebasinStrategy": "strategy",
+    "RebasinPlugin": "plugin",
+    "atomic_save_checkpoint": "checkpointing",
+}
 
 
 def __getattr__(name: str) -> Any:
