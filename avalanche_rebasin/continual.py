@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ._checks import check_finite
 from .align import PermutationLogits
 from .continual_config import RebasinConfig
 from .grouped_optimizer import GroupedOptimizer
@@ -33,6 +34,7 @@ __all__ = [
     "ExperienceReport",
     "RebasinNetwork",
     "add_penalty_gradient",
+    "check_trainable",
     "clip_delta_gradients",
     "committed_state",
     "delta_penalty",
@@ -69,6 +71,22 @@ class ExperienceReport:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+def check_trainable(model: nn.Module, label: str) -> None:
+    """Refuse weights the method would only turn into NaN, naming the tensor: non-finite values
+    (a NaN in a buffer) and float16 trainable parameters (δ and the logits would be trained in
+    float16, whose optimiser steps overflow)."""
+    buffers = {n for n, _ in model.named_buffers()}
+    check_finite(model_state(model), label, buffers)
+    trained = (n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16)
+    half = next(trained, None)
+    if half is not None:
+        raise ValueError(
+            f"{label}: parameter '{half}' is float16; δ and the permutation logits would be trained in "
+            "float16, whose optimiser steps overflow to NaN. Convert the model first: model.float() "
+            "(or model.to(torch.bfloat16))."
+        )
+
+
 class RebasinNetwork(nn.Module):
     """``model`` re-parametrised for one re-basin experience; ``model`` itself is not modified.
 
@@ -92,6 +110,7 @@ class RebasinNetwork(nn.Module):
         super().__init__()
         self.__dict__["base"] = model  # not a submodule: θ_i must not be a trainable parameter here
         self.config, self.experience = config, experience
+        check_trainable(model, f"RebasinNetwork: the model at experience {experience}")
         theta = {k: v.detach().clone() for k, v in model_state(model).items()}
         spec.validate(theta)
         self.units_total = sum(spec.group_sizes.values())

@@ -37,11 +37,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Subset
 
-from ._checks import check_finite
 from .continual import (
     ExperienceReport,
     RebasinNetwork,
     add_penalty_gradient,
+    check_trainable,
     clip_delta_gradients,
     committed_state,
     delta_penalty,
@@ -51,7 +51,7 @@ from .continual import (
 )
 from .continual_config import RebasinConfig
 from .lmc import reestimate_batchnorm
-from .permute import load_state_, model_state
+from .permute import load_state_
 from .plugin_compat import check_plugins
 from .spec import PermutationSpec
 from .transaction import ExperienceSnapshot, guard_experiences, release_experiences
@@ -109,7 +109,7 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
             _check_online(exp, self.config)
         if not isinstance(exp, OnlineCLExperience) or exp.is_first_subexp:  # a task starts
             model = DistributedHelper.unwrap_model(strategy.model)
-            _check_trainable(model, self.trained_tasks)
+            check_trainable(model, f"RebasinPlugin: the model before task {self.trained_tasks}")
             self._snapshot = _TaskSnapshot(
                 ExperienceSnapshot.take(strategy, model),
                 self.trained_tasks,
@@ -206,21 +206,6 @@ class _TaskSnapshot:
     trained_tasks: int
     reports: int
     subexps_seen: int
-
-
-def _check_trainable(model: nn.Module, task: int) -> None:
-    """Refuse, before the task trains, weights the method would only turn into NaN: non-finite
-    values (named) and float16 parameters (δ and the logits would be trained in float16)."""
-    buffers = {n for n, _ in model.named_buffers()}
-    check_finite(model_state(model), f"RebasinPlugin: the model before task {task}", buffers)
-    trained = (n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16)
-    half = next(trained, None)
-    if half is not None:
-        raise ValueError(
-            f"RebasinPlugin: parameter '{half}' is float16; δ and the permutation logits would be trained "
-            "in float16, whose optimiser steps overflow to NaN. Convert the model first: model.float() "
-            "(or model.to(torch.bfloat16))."
-        )
 
 
 def _at_task_end(exp: Any, subexps_seen: int) -> bool:

@@ -166,7 +166,7 @@ def test_weights_the_method_cannot_train_are_refused_before_experience_0_and_nam
     start = _state(model)
     strategy = _strategy(model)
     name = {"nan": "1.weight", "nan-buffer": "2.running_mean", "float16": "1.weight"}[bad]
-    with pytest.raises(ValueError, match=rf"before task 0.*'{name}'|'{name}' is float16") as info:
+    with pytest.raises(ValueError, match=rf"before task 0.*'{name}'") as info:
         strategy.train(_benchmark().train_stream[0])
     assert "delta_lr" not in str(info.value)
     assert _same(_state(model), start) and strategy.model is model
