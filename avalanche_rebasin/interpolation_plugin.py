@@ -71,6 +71,8 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         spec: a PermutationSpec (default: discovered from the model at every commit).
     """
 
+    _snapshot: tuple[ExperienceSnapshot, int, int] | None = None  # for checkpoints that predate it
+
     def __init__(
         self,
         *,

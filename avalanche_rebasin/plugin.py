@@ -72,6 +72,9 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
             heads added by Avalanche's dynamic modules are included).
     """
 
+    _snapshot: _TaskSnapshot | None = None  # class defaults: checkpoints pickled before they existed
+    _task_done = False
+
     def __init__(
         self, config: RebasinConfig | None = None, *, spec: PermutationSpec | None = None, **settings: Any
     ):
@@ -107,7 +110,13 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
         exp = strategy.experience
         if isinstance(exp, OnlineCLExperience):
             _check_online(exp, self.config)
-        if not isinstance(exp, OnlineCLExperience) or exp.is_first_subexp:  # a task starts
+        starts = not isinstance(exp, OnlineCLExperience) or exp.is_first_subexp
+        if not starts and self._snapshot is None:
+            raise ValueError(
+                "RebasinPlugin: this sub-experience continues a task that was rolled back after an "
+                "error; train the task again from its first sub-experience."
+            )
+        if starts:
             model = DistributedHelper.unwrap_model(strategy.model)
             check_trainable(model, f"RebasinPlugin: the model before task {self.trained_tasks}")
             self._snapshot = _TaskSnapshot(

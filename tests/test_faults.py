@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from avalanche.benchmarks.scenarios.online import split_online_stream
 from avalanche.checkpointing import maybe_load_checkpoint
 from avalanche.models import SimpleMLP
 from avalanche.training.plugins import ReplayPlugin, SupervisedPlugin
@@ -102,6 +103,40 @@ def test_a_failed_rebasin_experience_rolls_back_and_its_retry_equals_the_uninter
     assert _same(final, expected)
     assert [r.experience for r in strategy.reports] == [1, 2]  # one report per task
     assert [r.delta_norm for r in strategy.reports] == [r.delta_norm for r in reference.reports]
+
+
+def test_an_online_task_rolls_back_whole_and_is_trained_again_from_its_first_sub_experience():
+    bench = _benchmark()
+
+    def run(failing: Raise | None):
+        torch.manual_seed(0)
+        model = SimpleMLP(num_classes=6, input_size=16, hidden_size=32)
+        strategy = _strategy(model, plugins=[failing] if failing else [])
+        online = list(split_online_stream(bench.train_stream, 20, access_task_boundaries=True, seed=0))
+        tasks = [[s for s in online if s.origin_experience.current_experience == t] for t in range(3)]
+        for subs in tasks:
+            start, rng = _state(model), torch.get_rng_state()
+            for k, sub in enumerate(subs):
+                try:
+                    strategy.train(sub)
+                except RuntimeError:
+                    assert _same(_state(model), start) and not strategy.rebasin_active
+                    assert strategy.model is model and len(strategy.reports) == 0
+                    with pytest.raises(ValueError, match="from its first sub-experience"):
+                        strategy.train(subs[k + 1])
+                    torch.set_rng_state(rng)
+                    for again in subs:
+                        strategy.train(again)
+                    break
+        return _state(model), strategy
+
+    expected, _ = run(None)
+    failing = Raise(RuntimeError("a plugin failed"), experience=1, iteration=1)
+    failing._due = lambda strategy: (  # in the second sub-experience of the first re-basin task
+        failing.armed and strategy.rebasin_active and strategy.rebasin._subexps_seen == 2
+    )
+    final, strategy = run(failing)
+    assert not failing.armed and _same(final, expected) and len(strategy.reports) == 2
 
 
 def test_labels_outside_the_head_roll_the_rebasin_experience_back(tmp_path):
