@@ -15,24 +15,27 @@ images instead, on every benchmark. Writes to ``--out``: ``summary.md``, ``runs.
 metric after every experience, Re-basin's diagnostics, library versions, git commit and
 arguments of each run), ``metrics.csv`` and PNG plots. Rerunning a sweep into the same
 ``--out`` with the same settings skips the (strategy, seed) runs already there; other
-settings are refused (``--overwrite`` discards them). Every argument and strategy token is
-checked before anything runs; files are written to a temporary folder, then moved in.
+settings are refused (``--overwrite`` discards them). Every argument and strategy token, and
+the folder's runs.json, are checked before anything runs. Sweeps into one ``--out`` at the
+same time keep each other's runs: each save takes the lock ``OUT/.lock`` and merges with what
+the folder holds then; files are staged in ``OUT/.writing-*``, then moved in.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from . import results_folder, sweep
 from .benchmarks import BENCHMARKS
 from .reporting import summarize
 from .strategies import MODELS, OPTIMIZERS, STRATEGIES, build
@@ -185,38 +188,76 @@ def check_strategies(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
             p.error(f"--strategies {token!r}: {err}")
 
 
-def settings_of(p: argparse.ArgumentParser, path: Path, what: str) -> tuple[dict[str, str], list]:
-    """The :data:`SETTINGS` and runs saved in ``path`` (a runs.json); refuse an unreadable one."""
-    try:
-        saved = json.loads(path.read_text())
-        runs, recorded = saved["runs"], saved["args"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        p.error(f"{what}: cannot read {path} ({err}); {path.parent} is not a results folder of this program")
-    defaults = {k: str(p.get_default(k)) for k in SETTINGS}  # files older than a setting
+def recorded_settings(p: argparse.ArgumentParser, recorded: dict[str, Any]) -> dict[str, str]:
+    """The :data:`SETTINGS` in a runs.json's ``args`` (the defaults for files older than a setting)."""
+    defaults = {k: str(p.get_default(k)) for k in SETTINGS}
     defaults["model"] = "slimresnet18" if recorded.get("benchmark") == "split-cifar100" else "mlp1"
-    return {k: str(recorded.get(k, defaults[k])) for k in SETTINGS}, runs
+    return {k: str(recorded.get(k, defaults[k])) for k in SETTINGS}
+
+
+def setting_differences(
+    p: argparse.ArgumentParser, args: argparse.Namespace
+) -> Callable[[dict[str, Any]], str | None]:
+    """For a runs.json's ``args``: the settings in which it differs from this call ("epochs 1
+    there, 5 now; ..."), or None."""
+    ours = {k: str(getattr(args, k)) for k in SETTINGS}
+
+    def differences(recorded: dict[str, Any]) -> str | None:
+        theirs = recorded_settings(p, recorded)
+        diff = [f"{k} {theirs[k]} there, {ours[k]} now" for k in SETTINGS if theirs[k] != ours[k]]
+        return "; ".join(diff) or None
+
+    return differences
 
 
 def matching_runs(
     p: argparse.ArgumentParser, args: argparse.Namespace, path: Path, what: str, fix: str
 ) -> list:
     """The runs in ``path``, refused unless they were made with this invocation's settings."""
-    theirs, runs = settings_of(p, path, what)
-    ours = {k: str(getattr(args, k)) for k in SETTINGS}
-    diff = [f"{k} {theirs[k]} there, {ours[k]} now" for k in SETTINGS if theirs[k] != ours[k]]
+    try:
+        saved = results_folder.read_saved(path)
+    except results_folder.FolderError as err:
+        p.error(f"{what}: {err}; {path.parent} is not a results folder of this program as it stands")
+    diff = setting_differences(p, args)(saved.args)
     if diff:
-        p.error(f"{what} holds runs made with other settings ({'; '.join(diff)}); {fix}")
-    return runs
+        p.error(f"{what} holds runs made with other settings ({diff}); {fix}")
+    return saved.runs
 
 
-def previous_runs(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[str, Any]]:
+def merge_inputs(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The runs of every ``--merge`` folder (later folders replace earlier ones' runs), checked."""
+    fix = "pass the settings it was run with (see its runs.json) or merge it into another --out"
+    incoming: list[dict[str, Any]] = []
+    for d in args.merge:
+        if not (Path(d) / "runs.json").is_file():
+            p.error(f"--merge {d}: no runs.json there; pass the --out folder of an earlier run")
+        incoming = sweep.merged(incoming, matching_runs(p, args, Path(d) / "runs.json", f"--merge {d}", fix))
+    return incoming
+
+
+def open_out(
+    p: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[list[dict[str, Any]], sweep.Destination]:
+    """Under ``--out``'s lock: finish or remove what stopped saves left, then the runs already
+    there (refused unless they have this call's settings) and what ``--overwrite`` discards."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         p.error(f"--out {out} is a file; choose a folder")
-    if args.overwrite or not (out / "runs.json").exists():
-        return []
-    fix = "averaging them would mix experiments: choose a new --out, delete the folder, or pass --overwrite"
-    return matching_runs(p, args, out / "runs.json", f"--out {out}", fix)
+    destination = sweep.Destination(args, setting_differences(p, args))
+    if not out.is_dir():
+        results_folder.tidy(out)  # the previous version's temporary folders beside it
+        return [], destination
+    with results_folder.locked(out):
+        results_folder.tidy(out)
+        runs_file = out / "runs.json"
+        if not runs_file.exists():
+            return [], destination
+        if args.overwrite:
+            destination.discarded = sweep.Discarded.found_in(runs_file)
+            return [], destination
+        fix = "averaging them would mix experiments: choose a new --out, delete the folder, or pass "
+        fix += "--overwrite"
+        return matching_runs(p, args, runs_file, f"--out {out}", fix), destination
 
 
 def resolve_defaults(args: argparse.Namespace) -> None:
@@ -251,8 +292,6 @@ def quiet_third_party_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from . import sweep
-
     p = make_parser()
     args = p.parse_args(argv)
     resolve_defaults(args)
@@ -263,19 +302,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.tune_ewc:
         sweep.tune_ewc(args)
         return
-    previous = previous_runs(p, args)
-    if args.merge:
-        fix = "pass the settings it was run with (see its runs.json) or merge it into another --out"
-        for d in args.merge:
-            if not (Path(d) / "runs.json").is_file():
-                p.error(f"--merge {d}: no runs.json there; pass the --out folder of an earlier run")
-            previous = sweep.merged(
-                previous, matching_runs(p, args, Path(d) / "runs.json", f"--merge {d}", fix)
-            )
-        sweep.save(previous, args)
-        print(summarize(previous, args.strategies))
-        return
-    records = sweep.run_all(args, previous)
+    incoming = merge_inputs(p, args) if args.merge else []
+    previous, destination = open_out(p, args)
+    try:
+        if args.merge:
+            records = destination.save(incoming)
+            print(summarize(records, args.strategies))
+            return
+        records = sweep.run_all(args, previous, destination)
+    except sweep.FolderTaken as err:
+        p.exit(1, f"{p.prog}: error: {err}\n")
     print("\n" + summarize(records, args.strategies), f"\n\nwritten to {args.out}/", sep="")
 
 

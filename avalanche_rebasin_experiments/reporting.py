@@ -5,16 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import shutil
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["plot", "summarize", "write_metrics_csv", "write_outputs"]
+__all__ = ["plot", "summarize", "write_files", "write_metrics_csv"]
 
 Record = dict[str, Any]
 REPORTS = ("rebasin_reports", "interpolation_reports")  # per-experience reports with units_moved
@@ -76,23 +73,15 @@ def write_metrics_csv(records: list[Record], path: Path) -> None:
                     w.writerow([r["strategy"], r["seed"], row["after"], row["acc"], row["forgetting"], e, a])
 
 
-def write_outputs(
-    records: list[Record], args_json: dict[str, Any], order: list[str], out: Path, title: str
+def write_files(
+    records: list[Record], args_json: dict[str, Any], order: list[str], folder: Path, title: str
 ) -> None:
-    """Write every output into a temporary sibling folder, then move each file into ``out``
-    (``runs.json`` last): an error while writing leaves ``out`` as it was."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        (tmp / "runs.json").write_text(json.dumps({"args": args_json, "runs": records}, indent=1))
-        write_metrics_csv(records, tmp / "metrics.csv")
-        (tmp / "summary.md").write_text(summarize(records, order) + "\n")
-        plot(records, order, tmp, title)
-        out.mkdir(exist_ok=True)
-        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "runs.json"):
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Write every output of a results folder into ``folder``: runs.json, metrics.csv, summary.md
+    and the plots (the caller stages and moves them, see :mod:`.results_folder`)."""
+    (folder / "runs.json").write_text(json.dumps({"args": args_json, "runs": records}, indent=1))
+    write_metrics_csv(records, folder / "metrics.csv")
+    (folder / "summary.md").write_text(summarize(records, order) + "\n")
+    plot(records, order, folder, title)
 
 
 def _style(i: int, n: int) -> dict[str, Any]:
