@@ -83,7 +83,7 @@ def check_trainable(model: nn.Module, label: str) -> None:
         raise ValueError(
             f"{label}: parameter '{half}' is float16; δ and the permutation logits would be trained in "
             "float16, whose optimiser steps overflow to NaN. Convert the model first: model.float() "
-            "(or model.to(torch.bfloat16))."
+            "(and feed it float32 inputs)."
         )
 
 

@@ -9,15 +9,17 @@ every owner's ``rollback(strategy)`` runs, then the error propagates. ``commit()
 the last phase has returned; ``release_experiences`` (from ``after_training``) removes the
 wrappers again.
 
-:class:`ExperienceSnapshot` is what an owner keeps to roll back: the user's module (every
-parameter and buffer), the state of the strategy's optimiser, its clock and its replay buffers
-(every plugin's ``storage_policy``: a replay buffer updated before the error would otherwise
-replay the failed experience's own samples when it is trained again) at the experience's start.
+:class:`ExperienceSnapshot` is what an owner keeps: the user's module (every parameter and
+buffer) and the optimiser's state once the experience's model adaptation has run.
+:class:`Bookkeeping` is what the guard keeps: Avalanche's own state (the clock, its plugins'
+replay buffers, LwF's teacher, LR schedulers, DER's and ER-ACE's buffers) before the
+experience's first phase, restored after the owners' rollbacks.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 
 from .permute import load_state_, model_state
 
-__all__ = ["ExperienceSnapshot", "Transactional", "guard_experiences", "release_experiences"]
+__all__ = ["Bookkeeping", "ExperienceSnapshot", "Transactional", "guard_experiences", "release_experiences"]
 
 PHASES = ("_before_training_exp", "_train_exp", "_after_training_exp")
 
@@ -41,68 +43,133 @@ class Transactional(Protocol):
 
 @dataclass
 class ExperienceSnapshot:
-    """The user's module, the strategy's optimiser, clock and replay buffers as an experience
-    found them."""
+    """The user's module and the strategy's optimiser as an experience found them (taken by
+    an owner once model adaptation has run, so a head grown for the experience is kept)."""
 
     module: nn.Module
     state: dict[str, Tensor]
     optimizer: torch.optim.Optimizer | None
     optimizer_state: dict[str, Any] | None
-    attributes: list[tuple[Any, dict[str, Any]]]  # (object, a shallow copy of its attributes)
 
     @classmethod
     def take(cls, strategy: Any, module: nn.Module) -> ExperienceSnapshot:
         state = {k: v.detach().clone() for k, v in model_state(module).items()}
         optimizer = getattr(strategy, "optimizer", None)
         saved = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
-        return cls(module, state, optimizer, saved, [(o, _attributes(o)) for o in _bookkeeping(strategy)])
+        return cls(module, state, optimizer, saved)
 
     def restore(self) -> None:
-        """Everything back to the snapshot (the module's tensors in place)."""
+        """The module's tensors (in place) and the optimiser's state back to the snapshot."""
         with torch.no_grad():
             load_state_(self.module, self.state)
         if self.optimizer is not None and self.optimizer_state is not None:
             self.optimizer.load_state_dict(self.optimizer_state)
+
+
+@dataclass
+class Bookkeeping:
+    """Avalanche's own state around an experience, taken before ``_before_training_exp`` runs:
+    the attributes of the clock, of every Avalanche plugin and of the objects they and the
+    template hold (replay storage policies and their buffer groups, LwF's teacher, DER's and
+    ER-ACE's buffers), one level of containers copied, and every LR scheduler's state. Avalanche
+    rebinds these attributes on update, so shallow copies are snapshots. Plugins of other
+    packages and the evaluator (what was logged stays logged) are not touched."""
+
+    attributes: list[tuple[Any, dict[str, Any]]]
+    schedulers: list[tuple[Any, dict[str, Any]]]
+
+    @classmethod
+    def take(cls, strategy: Any) -> Bookkeeping:
+        objects = _avalanche_state(strategy)
+        schedulers = [
+            (v, copy.deepcopy(v.state_dict()))
+            for o in objects
+            for v in vars(o).values()
+            if isinstance(v, torch.optim.lr_scheduler.LRScheduler)
+        ]
+        return cls([(o, _attributes(o)) for o in objects], schedulers)
+
+    def restore(self) -> None:
         for owner, attributes in self.attributes:
             vars(owner).clear()
             vars(owner).update(attributes)
+        for scheduler, state in self.schedulers:
+            scheduler.load_state_dict(state)
 
 
-def _bookkeeping(strategy: Any) -> list[Any]:
-    """The strategy's clock, every plugin's storage policy and the groups of its buffer (Avalanche
-    rebinds their attributes on update, so shallow copies of them are snapshots)."""
-    found = [strategy.clock] if hasattr(strategy, "clock") else []
+def _is_avalanche_state(value: Any) -> bool:
+    excluded = (nn.Module, Tensor, torch.optim.Optimizer, torch.utils.data.Dataset)
+    module = type(value).__module__
+    return (
+        hasattr(value, "__dict__")
+        and module.startswith("avalanche.")
+        and not module.startswith(("avalanche.training.templates", "avalanche.training.plugins.evaluation"))
+        and not module.startswith(("avalanche.benchmarks", "avalanche.logging", "avalanche.evaluation"))
+        and not isinstance(value, excluded)
+        and not hasattr(value, "plugins")  # a strategy
+    )
+
+
+def _avalanche_state(strategy: Any) -> list[Any]:
+    """The clock, Avalanche's plugins, and the Avalanche objects they (and the template) hold,
+    three levels deep, each once."""
+    found: list[Any] = []
+    seen: set[int] = set()
+
+    def visit(owner: Any, depth: int) -> None:
+        if id(owner) in seen or depth > 3:
+            return
+        seen.add(id(owner))
+        found.append(owner)
+        for value in list(vars(owner).values()):
+            for item in value.values() if isinstance(value, dict) else [value]:
+                if _is_avalanche_state(item):
+                    visit(item, depth + 1)
+
     for plugin in getattr(strategy, "plugins", []):
-        policy = getattr(plugin, "storage_policy", None)
-        if policy is not None and hasattr(policy, "__dict__"):
-            found.append(policy)
-            groups = getattr(policy, "buffer_groups", {})
-            found += [g for g in groups.values() if hasattr(g, "__dict__")]
+        if _is_avalanche_state(plugin):
+            visit(plugin, 0)
+    for value in list(vars(strategy).values()):
+        if _is_avalanche_state(value):
+            visit(value, 1)
     return found
 
 
 def _attributes(owner: Any) -> dict[str, Any]:
-    return {k: dict(v) if isinstance(v, dict) else v for k, v in vars(owner).items()}
+    """``vars(owner)`` with every dict, list and set copied, and those inside a dict too."""
+
+    def copied(value: Any, depth: int) -> Any:
+        if isinstance(value, dict):
+            out = copy.copy(value)  # keeps a defaultdict's factory
+            if depth:
+                out.update({k: copied(v, depth - 1) for k, v in value.items()})
+            return out
+        return copy.copy(value) if isinstance(value, list | set) else value
+
+    return {k: copied(v, 1) for k, v in vars(owner).items()}
 
 
 def guard_experiences(strategy: Any, owner: Transactional) -> None:
     """Wrap ``strategy``'s experience phases so that ``owner`` rolls back on any error.
 
-    Called from a plugin's ``before_training``; a guard left from another strategy object (a
-    copy restored from a checkpoint) is replaced."""
+    Called from a plugin's ``before_training``; guards left from another strategy object (a
+    copy restored from a checkpoint) are replaced."""
+    current = strategy.__dict__.get(PHASES[0])
+    if isinstance(current, _GuardedPhase) and current.transaction.strategy is strategy:
+        if not any(o is owner for o in current.transaction.owners):
+            current.transaction.owners.append(owner)
+        return
+    transaction = _Transaction(strategy, [owner])
     for phase in PHASES:
-        current = strategy.__dict__.get(phase)
-        if isinstance(current, _GuardedPhase) and current.strategy is strategy:
-            if not any(o is owner for o in current.owners):
-                current.owners.append(owner)
-            continue
-        inner = current.inner if isinstance(current, _GuardedPhase) else current
-        strategy.__dict__[phase] = _GuardedPhase(strategy, phase, [owner], inner)
+        inner = strategy.__dict__.get(phase)
+        inner = inner.inner if isinstance(inner, _GuardedPhase) else inner
+        strategy.__dict__[phase] = _GuardedPhase(transaction, phase, inner)
 
 
 def release_experiences(strategy: Any) -> None:
-    """Remove the guards (from ``after_training``): nothing of them is pickled with a
-    checkpoint taken between ``train()`` calls."""
+    """Remove the guards (from ``after_training``). After an error ``after_training`` does not
+    run and they stay until the next ``train()`` replaces them (a checkpoint taken meanwhile
+    pickles them; they are replaced on resume)."""
     for phase in PHASES:
         current = strategy.__dict__.get(phase)
         if isinstance(current, _GuardedPhase):
@@ -112,24 +179,47 @@ def release_experiences(strategy: Any) -> None:
                 strategy.__dict__[phase] = current.inner
 
 
-class _GuardedPhase:
-    """One phase of ``strategy``: the original call, with the owners' rollback on any error."""
+@dataclass
+class _Transaction:
+    """The owners of one strategy's experiences, and Avalanche's state at the current one's start."""
 
-    def __init__(self, strategy: Any, phase: str, owners: list[Transactional], inner: Any) -> None:
-        self.strategy, self.phase, self.owners, self.inner = strategy, phase, owners, inner
+    strategy: Any
+    owners: list[Transactional]
+    bookkeeping: Bookkeeping | None = None
+
+    def roll_back(self, error: BaseException) -> None:
+        """Every owner's rollback, then Avalanche's state; a failure is noted on ``error``."""
+        bookkeeping, self.bookkeeping = self.bookkeeping, None
+        steps = [functools.partial(owner.rollback, self.strategy) for owner in self.owners]
+        steps += [bookkeeping.restore] if bookkeeping is not None else []
+        for step in steps:
+            try:
+                step()
+            except BaseException as failure:  # never hide the error that started it
+                error.add_note(f"rolling back after it failed too: {failure!r}")
+
+    def commit(self) -> None:
+        self.bookkeeping = None
+        for owner in self.owners:
+            owner.commit()
+
+
+class _GuardedPhase:
+    """One phase of the strategy: the original call, inside its experience's transaction."""
+
+    def __init__(self, transaction: _Transaction, phase: str, inner: Any) -> None:
+        self.transaction, self.phase, self.inner = transaction, phase, inner
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        call = self.inner or getattr(type(self.strategy), self.phase).__get__(self.strategy)
+        strategy = self.transaction.strategy
+        call = self.inner or getattr(type(strategy), self.phase).__get__(strategy)
+        if self.phase == PHASES[0]:
+            self.transaction.bookkeeping = Bookkeeping.take(strategy)
         try:
             result = call(*args, **kwargs)
         except BaseException as error:
-            for owner in self.owners:
-                try:
-                    owner.rollback(self.strategy)
-                except Exception as failure:  # never hide the error that started it
-                    error.add_note(f"rolling back {type(owner).__name__} failed too: {failure!r}")
+            self.transaction.roll_back(error)
             raise
         if self.phase == PHASES[-1]:
-            for owner in self.owners:
-                owner.commit()
+            self.transaction.commit()
         return result

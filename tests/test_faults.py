@@ -18,6 +18,7 @@ from torch import nn
 from avalanche_rebasin import align, atomic_save_checkpoint, random_permutation, weight_matching
 from avalanche_rebasin.interpolation_plugin import InterpolationStrategy
 from avalanche_rebasin.permute import permute
+from avalanche_rebasin.strategy import RebasinStrategy
 
 
 class Raise(SupervisedPlugin):
@@ -72,7 +73,8 @@ def _train_with_retry(make, bench, failing: Raise | None, tmp_path):
             assert strategy.model is model and strategy.optimizer is optimizer
             assert _same(_state(model), start)
             assert not getattr(strategy, "rebasin_active", False)
-            atomic_save_checkpoint(strategy, tmp_path / "after-error.pkl")  # not refused
+            if isinstance(strategy, RebasinStrategy | InterpolationStrategy):  # others: dill cannot
+                atomic_save_checkpoint(strategy, tmp_path / "after-error.pkl")  # not refused
             strategy.eval(bench.test_stream[:1])  # scores the user's model, as it was
             torch.set_rng_state(rng)
             strategy.train(exp)
@@ -137,6 +139,49 @@ def test_an_online_task_rolls_back_whole_and_is_trained_again_from_its_first_sub
     )
     final, strategy = run(failing)
     assert not failing.armed and _same(final, expected) and len(strategy.reports) == 2
+
+
+def _plugin_on(template: str):
+    """``RebasinPlugin`` on an Avalanche template whose own state an experience changes."""
+    from avalanche.training import DER, ER_ACE, Naive
+    from avalanche.training.plugins import LRSchedulerPlugin, LwFPlugin
+    from avalanche.training.storage_policy import ClassBalancedBuffer
+
+    from avalanche_rebasin import RebasinPlugin
+
+    def make(model, optimizer, plugins):
+        kwargs = dict(train_mb_size=32, train_epochs=2, evaluator=_evaluator())
+        own = {
+            "lwf": [LwFPlugin(alpha=1.0, temperature=2.0)],
+            "scheduler": [LRSchedulerPlugin(torch.optim.lr_scheduler.MultiStepLR(optimizer, [1]))],
+            "class-balanced": [ReplayPlugin(40, storage_policy=ClassBalancedBuffer(40, adaptive_size=True))],
+        }.get(template, [])
+        plugins = [RebasinPlugin(rebasin_epochs=1), *own, *plugins]
+        if template in ("der", "er-ace"):
+            cls = DER if template == "der" else ER_ACE
+            memory = dict(mem_size=40, batch_size_mem=16)
+            return cls(model=model, optimizer=optimizer, plugins=plugins, **memory, **kwargs)
+        return Naive(model=model, optimizer=optimizer, plugins=plugins, **kwargs)
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "template, experience, iteration",
+    [
+        ("der", 1, None),  # DER's buffer (on the template) holds the failed experience
+        ("er-ace", 1, 2),  # ER-ACE updates its buffer in before_training_exp
+        ("lwf", 1, None),  # LwF's teacher would be the failed experience's commit
+        ("scheduler", 0, 4),  # MultiStepLR's epoch count
+        ("class-balanced", 1, None),  # ClassBalancedBuffer's seen classes (a set)
+    ],
+)
+def test_avalanche_state_rolls_back_with_the_experience(template, experience, iteration, tmp_path):
+    bench = _benchmark()
+    expected, _ = _train_with_retry(_plugin_on(template), bench, None, tmp_path)
+    failing = Raise(RuntimeError("a plugin failed"), experience=experience, iteration=iteration)
+    final, _ = _train_with_retry(_plugin_on(template), bench, failing, tmp_path)
+    assert not failing.armed and _same(final, expected)
 
 
 def test_labels_outside_the_head_roll_the_rebasin_experience_back(tmp_path):
