@@ -15,10 +15,10 @@ images instead, on every benchmark. Writes to ``--out``: ``summary.md``, ``runs.
 metric after every experience, Re-basin's diagnostics, library versions, git commit and
 arguments of each run), ``metrics.csv`` and PNG plots. Rerunning a sweep into the same
 ``--out`` with the same settings skips the (strategy, seed) runs already there; other
-settings are refused (``--overwrite`` discards them). Every argument and strategy token, and
-the folder's runs.json, are checked before anything runs. Sweeps into one ``--out`` at the
-same time keep each other's runs: each save takes the lock ``OUT/.lock`` and merges with what
-the folder holds then; files are staged in ``OUT/.writing-*``, then moved in.
+settings are refused (``--overwrite`` discards them). Every argument and strategy token, the
+folder (writable, its runs.json readable) are checked before anything runs. Sweeps into one
+``--out`` at the same time keep each other's runs: each save takes the lock ``OUT/.lock`` and
+merges with what the folder holds then; files are staged in ``OUT/.writing-*``, then moved in.
 """
 
 from __future__ import annotations
@@ -224,6 +224,14 @@ def matching_runs(
     return saved.runs
 
 
+def check_out_writable(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` that cannot be created or written in, before anything trains."""
+    try:
+        results_folder.check_writable(Path(args.out))
+    except results_folder.FolderError as err:
+        p.error(f"--out {args.out}: {err}")
+
+
 def merge_inputs(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The runs of every ``--merge`` folder (later folders replace earlier ones' runs), checked."""
     fix = "pass the settings it was run with (see its runs.json) or merge it into another --out"
@@ -241,8 +249,6 @@ def open_out(
     """Under ``--out``'s lock: finish or remove what stopped saves left, then the runs already
     there (refused unless they have this call's settings) and what ``--overwrite`` discards."""
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        p.error(f"--out {out} is a file; choose a folder")
     destination = sweep.Destination(args, setting_differences(p, args))
     if not out.is_dir():
         results_folder.tidy(out)  # the previous version's temporary folders beside it
@@ -299,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # for worker processes started later
     quiet_third_party_warnings()
     check_args(p, args)
+    check_out_writable(p, args)
     if args.tune_ewc:
         sweep.tune_ewc(args)
         return

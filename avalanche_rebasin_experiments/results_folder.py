@@ -30,7 +30,7 @@ except ImportError:  # POSIX
     msvcrt = None  # type: ignore[assignment]
 
 __all__ = [
-    "FolderError", "Saved", "beside", "locked", "parse", "read_saved", "shape_problem",
+    "FolderError", "Saved", "beside", "check_writable", "locked", "parse", "read_saved", "shape_problem",
     "tidy", "write",
 ]  # fmt: skip
 
@@ -176,6 +176,39 @@ def _remove_folders(created: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             return
+
+
+def _blocking_file(out: Path) -> Path | None:
+    """``out`` or the first of its parents that exists as something other than a folder."""
+    return next((f for f in [*reversed(out.parents), out] if f.exists() and not f.is_dir()), None)
+
+
+def check_writable(out: Path) -> None:
+    """Refuse (FolderError, with the fix) an ``out`` that cannot become a folder or be written in,
+    by creating it and a probe file there; the folders made for the probe are removed again."""
+    created: list[Path] = []
+    try:
+        created = _make_folders(out)
+        handle, probe = tempfile.mkstemp(prefix=".probe-", dir=out)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as err:
+        raise FolderError(_why_unwritable(out, err)) from None
+    finally:
+        _remove_folders(created)
+
+
+def _why_unwritable(out: Path, err: OSError) -> str:
+    blocker = _blocking_file(out)
+    if blocker == out:
+        return "it is a file, not a folder; choose another --out"
+    if blocker is not None:
+        return f"{blocker} is a file, so {out} cannot be a folder; choose another --out or move that file"
+    failed = Path(err.filename) if err.filename else out
+    where = failed if failed.exists() else failed.parent
+    if isinstance(err, PermissionError):
+        return f"cannot write in {where} (permission denied); choose a folder you may write in, or make it so"
+    return f"cannot write in {where} ({err.strerror or err}); choose another --out"
 
 
 def _lock(handle: IO[bytes]) -> None:

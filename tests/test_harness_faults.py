@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,7 @@ def test_overwrite_discards_the_runs_found_at_start_but_not_those_another_sweep_
     assert _runs(out) == [("naive", 0), ("replay", 0)]  # naive seed 7 (epochs 5) discarded
 
 
-# -- 2: a malformed folder is refused before anything trains ------------------------------------
+# -- 2: an unwritable or malformed folder is refused before anything trains -------------------
 
 
 def _refused(argv: list[str], capsys) -> str:
@@ -151,6 +152,37 @@ def _refused(argv: list[str], capsys) -> str:
         cli.main([*BASE, "--strategies", "naive", *argv])
     assert exit_info.value.code == 2
     return capsys.readouterr().err
+
+
+def test_an_out_below_a_file_is_refused_before_anything_trains(tmp_path, capsys, no_training):
+    (tmp_path / "file").write_text("not a folder")
+    err = _refused(["--out", str(tmp_path / "file" / "sub" / "out")], capsys)
+    assert f"{tmp_path / 'file'} is a file" in err and "--out" in err
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["file"]
+
+
+def test_an_unwritable_out_is_refused_and_the_folders_the_probe_made_are_removed(
+    tmp_path, monkeypatch, capsys, no_training
+):
+    def denied(*args, dir=None, **kwargs):
+        raise PermissionError(13, "Permission denied", str(dir))
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    out = tmp_path / "a" / "b" / "out"
+    err = _refused(["--out", str(out)], capsys)
+    assert f"cannot write in {out}" in err and "permission" in err.lower()
+    assert list(tmp_path.iterdir()) == []  # no empty results folder left on refusal
+
+
+@pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="root ignores modes")
+def test_a_read_only_out_is_refused(tmp_path, capsys, no_training):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        err = _refused(["--out", str(locked / "out")], capsys)
+    finally:
+        locked.chmod(0o700)
+    assert f"cannot write in {locked}" in err and list(locked.iterdir()) == []
 
 
 BAD_SHAPES = [
