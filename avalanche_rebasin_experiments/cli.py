@@ -19,6 +19,7 @@ settings are refused (``--overwrite`` discards them). Every argument and strateg
 folder (writable, its runs.json readable) are checked before anything runs. Sweeps into one
 ``--out`` at the same time keep each other's runs: each save takes the lock ``OUT/.lock`` and
 merges with what the folder holds then; files are staged in ``OUT/.writing-*``, then moved in.
+Ctrl-C stops a sweep with exit status 130, keeping the finished runs.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -266,6 +267,28 @@ def open_out(
         return matching_runs(p, args, runs_file, f"--out {out}", fix), destination
 
 
+def stop_interrupted(args: argparse.Namespace) -> NoReturn:
+    """After Ctrl-C: one line saying what ``--out`` kept, exit status 130 (as a shell reports SIGINT)."""
+    runs_file = Path(args.out) / "runs.json"
+    try:
+        kept = len(results_folder.read_saved(runs_file).runs)
+    except results_folder.FolderError:
+        kept = 0
+    if args.tune_ewc:
+        message = f"{Path(args.out) / 'ewc_tuning.json'} was not written; rerun the same command to tune"
+    elif args.merge:
+        message = f"{runs_file} holds {kept} run(s); rerun the same command to finish the merge"
+    elif kept:
+        message = (
+            f"{kept} finished run(s) are in {runs_file}; rerun the same command to continue "
+            "(finished runs are skipped)"
+        )
+    else:
+        message = f"no finished run was saved in {args.out}; rerun the same command to start again"
+    print(f"interrupted: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(130)
+
+
 def resolve_defaults(args: argparse.Namespace) -> None:
     entry = BENCHMARKS[args.benchmark]
     if args.experiences is None:
@@ -307,7 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     check_args(p, args)
     check_out_writable(p, args)
     if args.tune_ewc:
-        sweep.tune_ewc(args)
+        try:
+            sweep.tune_ewc(args)
+        except KeyboardInterrupt:
+            stop_interrupted(args)
         return
     incoming = merge_inputs(p, args) if args.merge else []
     previous, destination = open_out(p, args)
@@ -317,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
             print(summarize(records, args.strategies))
             return
         records = sweep.run_all(args, previous, destination)
+    except KeyboardInterrupt:
+        stop_interrupted(args)
     except sweep.FolderTaken as err:
         p.exit(1, f"{p.prog}: error: {err}\n")
     print("\n" + summarize(records, args.strategies), f"\n\nwritten to {args.out}/", sep="")

@@ -271,3 +271,53 @@ def test_stale_unfinished_and_old_style_temporary_folders_are_removed_with_a_not
     notices = capsys.readouterr().out
     assert unfinished.name in notices and old_style.name in notices
     assert not unfinished.exists() and not old_style.exists() and (out / "runs.json").read_text() == before
+
+
+# -- 4: Ctrl-C ends with one line saying what was kept -------------------------------------------
+
+
+def _interrupted(argv: list[str], capsys) -> str:
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C ended the harness with a raw KeyboardInterrupt")
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    return err
+
+
+def test_ctrl_c_during_a_run_says_what_was_kept_and_exits_130(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+
+    def interrupted_second_run(name, args, seed):
+        if seed == 1:
+            raise KeyboardInterrupt
+        return _fake_run(name, args, seed)
+
+    monkeypatch.setattr(runner, "run_one", interrupted_second_run)
+    err = _interrupted([*BASE, "--strategies", "naive", "--seeds", "0", "1", "--out", str(out)], capsys)
+    assert f"1 finished run(s) are in {out / 'runs.json'}" in err and "rerun the same command" in err
+    assert (
+        _runs(out) == [("naive", 0)]
+        and _hidden(out) == []
+        and [f.name for f in tmp_path.iterdir()] == ["out"]
+    )
+
+
+def test_ctrl_c_while_saving_leaves_no_temporary_folder(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    saves = []
+
+    def interrupted_second_save(*args):
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_one", _fake_run)
+    monkeypatch.setattr(reporting, "plot", interrupted_second_save)
+    err = _interrupted([*BASE, "--strategies", "naive", "--seeds", "0", "1", "--out", str(out)], capsys)
+    assert "1 finished run(s)" in err
+    assert _runs(out) == _csv_runs(out) == [("naive", 0)] and _hidden(out) == []
+    assert [f.name for f in tmp_path.iterdir()] == ["out"]
