@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from avalanche_rebasin_experiments import cli, reporting, runner
+from avalanche_rebasin import datasets
+from avalanche_rebasin_experiments import benchmarks, cli, reporting, runner
 
 BASE = ["--experiences", "3", "--epochs", "1"]
 SETTINGS = {"benchmark": "rotated-mnist", "model": "mlp1", "epochs": "1", "experiences": "3"}
@@ -142,6 +143,22 @@ def test_overwrite_discards_the_runs_found_at_start_but_not_those_another_sweep_
     monkeypatch.setattr(runner, "run_one", other_sweep_saves_meanwhile)
     cli.main([*BASE, "--strategies", "naive", "--overwrite", "--out", str(out)])
     assert _runs(out) == [("naive", 0), ("replay", 0)]  # naive seed 7 (epochs 5) discarded
+
+
+def test_two_sweeps_preparing_one_cold_cache_at_once_both_get_the_digits(tmp_path, monkeypatch):
+    """The other sweep's copy lands between this one's check and its own final rename."""
+    real_write = datasets._write_split
+
+    def the_other_sweep_wrote_first(raw, train, test):
+        if not raw.exists():
+            real_write(raw, train, test)
+        real_write(raw, train, test)  # this sweep's rename onto a folder that is there now
+
+    monkeypatch.setattr(datasets, "_write_split", the_other_sweep_wrote_first)
+    args = cli.make_parser().parse_args([*BASE, "--cache", str(tmp_path / "cache")])
+    cli.resolve_defaults(args)
+    root = benchmarks.mnist_root(args)
+    assert sorted(f.name for f in (root / "MNIST" / "raw").iterdir()) == sorted(datasets.IDX_NAMES)
 
 
 # -- 2: an unwritable or malformed folder is refused before anything trains -------------------
