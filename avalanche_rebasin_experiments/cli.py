@@ -324,16 +324,21 @@ def main(argv: list[str] | None = None) -> None:
     p = make_parser()
     args = p.parse_args(argv)
     resolve_defaults(args)
+    try:
+        run(p, args)
+    except KeyboardInterrupt:
+        stop_interrupted(args)
+
+
+def run(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check everything, then tune, merge or sweep (``main`` without its Ctrl-C handling)."""
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # for worker processes started later
     quiet_third_party_warnings()
     check_args(p, args)
     check_out_writable(p, args)
     if args.tune_ewc:
-        try:
-            sweep.tune_ewc(args)
-        except KeyboardInterrupt:
-            stop_interrupted(args)
+        sweep.tune_ewc(args)
         return
     incoming = merge_inputs(p, args) if args.merge else []
     previous, destination = open_out(p, args)
@@ -343,8 +348,6 @@ def main(argv: list[str] | None = None) -> None:
             print(summarize(records, args.strategies))
             return
         records = sweep.run_all(args, previous, destination)
-    except KeyboardInterrupt:
-        stop_interrupted(args)
     except sweep.FolderTaken as err:
         p.exit(1, f"{p.prog}: error: {err}\n")
     print("\n" + summarize(records, args.strategies), f"\n\nwritten to {args.out}/", sep="")

@@ -130,7 +130,7 @@ def parse(text: str, path: Path) -> Saved:
         raise FolderError(f"cannot read {path} ({err})") from None
     problem = shape_problem(saved)
     if problem:
-        raise FolderError(f"{path} is not in the shape this program writes: {problem}")
+        raise FolderError(f"{path} is not in the shape this program writes: {problem} (repair or remove it)")
     return Saved(saved["args"], saved["runs"])
 
 
