@@ -18,6 +18,7 @@ experience's first phase, restored after the owners' rollbacks.
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 from dataclasses import dataclass
@@ -68,18 +69,36 @@ class ExperienceSnapshot:
 
 @dataclass
 class Bookkeeping:
-    """Avalanche's own state around an experience, taken before ``_before_training_exp`` runs:
-    the attributes of the clock, of every Avalanche plugin and of the objects they and the
-    template hold (replay storage policies and their buffer groups, LwF's teacher, DER's and
-    ER-ACE's buffers), one level of containers copied, and every LR scheduler's state. Avalanche
-    rebinds these attributes on update, so shallow copies are snapshots. Plugins of other
-    packages and the evaluator (what was logged stays logged) are not touched."""
+    """The strategy's state around an experience, taken before ``_before_training_exp`` runs.
 
+    * The model's structure: every module's children, parameter and buffer objects and public
+      attributes, so a head that model adaptation grows (``IncrementalClassifier`` puts a new
+      ``Linear`` in place of the old, untouched one) is put back; restored only where they
+      changed, so a model that did not grow keeps its parameter objects.
+    * The optimiser's groups and state (Avalanche's ``reset_optimizer`` replaces both).
+    * Avalanche's own state: the attributes of the clock, of every Avalanche plugin and of the
+      objects they and the template hold (replay storage policies and their buffer groups,
+      LwF's teacher, DER's and ER-ACE's buffers), one level of containers copied, and every LR
+      scheduler's state. Avalanche rebinds these attributes on update, so shallow copies are
+      snapshots. Plugins of other packages and the evaluator (what was logged stays logged) are
+      not touched.
+    """
+
+    structure: list[tuple[nn.Module, dict[str, Any]]]
+    optimizer: tuple[torch.optim.Optimizer, list[tuple[dict, dict]], Any] | None
     attributes: list[tuple[Any, dict[str, Any]]]
     schedulers: list[tuple[Any, dict[str, Any]]]
 
     @classmethod
     def take(cls, strategy: Any) -> Bookkeeping:
+        model = getattr(strategy, "model", None)
+        structure = [(m, _structure(m)) for m in model.modules()] if isinstance(model, nn.Module) else []
+        optimizer = getattr(strategy, "optimizer", None)
+        saved = None
+        if isinstance(optimizer, torch.optim.Optimizer):
+            groups = [(g, {**g, "params": list(g["params"])}) for g in optimizer.param_groups]
+            state = collections.defaultdict(dict, {p: copy.deepcopy(v) for p, v in optimizer.state.items()})
+            saved = (optimizer, groups, state)
         objects = _avalanche_state(strategy)
         schedulers = [
             (v, copy.deepcopy(v.state_dict()))
@@ -87,14 +106,46 @@ class Bookkeeping:
             for v in vars(o).values()
             if isinstance(v, torch.optim.lr_scheduler.LRScheduler)
         ]
-        return cls([(o, _attributes(o)) for o in objects], schedulers)
+        return cls(structure, saved, [(o, _attributes(o)) for o in objects], schedulers)
 
     def restore(self) -> None:
+        for module, recorded in self.structure:
+            if not _same_structure(_structure(module), recorded):
+                vars(module).update({k: dict(v) if isinstance(v, dict) else v for k, v in recorded.items()})
+        if self.optimizer is not None:
+            optimizer, groups, state = self.optimizer
+            for group, content in groups:
+                group.clear()
+                group.update(content)
+            optimizer.param_groups[:] = [group for group, _ in groups]
+            optimizer.state = state
         for owner, attributes in self.attributes:
             vars(owner).clear()
             vars(owner).update(attributes)
         for scheduler, state in self.schedulers:
             scheduler.load_state_dict(state)
+
+
+def _structure(module: nn.Module) -> dict[str, Any]:
+    """What model adaptation may rebind: the module's children, parameter and buffer objects
+    and its public plain attributes."""
+    public = {k: v for k, v in vars(module).items() if not k.startswith("_")}
+    plain = {k: v for k, v in public.items() if isinstance(v, int | float | str)}
+    return {**plain, **{k: dict(getattr(module, k)) for k in ("_modules", "_parameters", "_buffers")}}
+
+
+def _same_structure(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Equal plain attributes, and the same objects (by identity) as children, parameters, buffers."""
+    if a.keys() != b.keys():
+        return False
+    for key, value in a.items():
+        if isinstance(value, dict):
+            other = b[key]
+            if value.keys() != other.keys() or any(value[k] is not other[k] for k in value):
+                return False
+        elif value != b[key]:
+            return False
+    return True
 
 
 def _is_avalanche_state(value: Any) -> bool:

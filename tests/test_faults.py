@@ -8,9 +8,10 @@ import os
 
 import pytest
 import torch
+from avalanche.benchmarks import nc_benchmark
 from avalanche.benchmarks.scenarios.online import split_online_stream
 from avalanche.checkpointing import maybe_load_checkpoint
-from avalanche.models import SimpleMLP
+from avalanche.models import IncrementalClassifier, SimpleMLP
 from avalanche.training.plugins import ReplayPlugin, SupervisedPlugin
 from test_strategy import _benchmark, _evaluator, _strategy
 from torch import nn
@@ -57,11 +58,11 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     )
 
 
-def _train_with_retry(make, bench, failing: Raise | None, tmp_path):
+def _train_with_retry(make, bench, failing: Raise | None, tmp_path, build=None):
     """Train every experience; when ``failing`` raises, check the rollback and train it again
     from the same global RNG state. Returns the final state and the strategy."""
     torch.manual_seed(0)
-    model = SimpleMLP(num_classes=6, input_size=16, hidden_size=32)
+    model = build() if build else SimpleMLP(num_classes=6, input_size=16, hidden_size=32)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     strategy = make(model, optimizer, [failing] if failing else [])
     for exp in bench.train_stream:
@@ -216,6 +217,31 @@ def test_a_failed_interpolation_experience_rolls_back_and_its_retry_equals_the_u
     final, strategy = _train_with_retry(_interpolation, bench, failing, tmp_path)
     assert not failing.armed and _same(final, expected)
     assert [r.experience for r in strategy.interpolation.reports] == [1, 2]
+
+
+class _GrowingNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU())
+        self.head = IncrementalClassifier(32, initial_out_features=2)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("make", [_rebasin, _interpolation], ids=["rebasin", "interpolation"])
+def test_a_head_grown_for_the_failed_experience_is_put_back(make, tmp_path):
+    """Model adaptation grows the head before any plugin runs; the rollback puts the old head
+    back, so the retry grows it again and equals the uninterrupted run."""
+    ordered = _benchmark()
+    bench = nc_benchmark(
+        ordered.original_train_dataset, ordered.original_test_dataset, n_experiences=3,
+        task_labels=False, seed=0, fixed_class_order=list(range(6)),
+    )  # fmt: skip
+    expected, _ = _train_with_retry(make, bench, None, tmp_path, build=_GrowingNet)
+    failing = Raise(RuntimeError("a plugin failed"), experience=1, iteration=2)
+    final, _ = _train_with_retry(make, bench, failing, tmp_path, build=_GrowingNet)
+    assert not failing.armed and _same(final, expected)
 
 
 def test_the_guards_are_gone_between_train_calls_and_from_checkpoints(tmp_path):
