@@ -63,13 +63,18 @@ def _write_split(
     raw: Path, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]
 ) -> None:
     """Write the four idx files into a sibling temporary folder, then move it to ``raw``
-    (an interrupted call leaves no half-written data set)."""
+    (an interrupted call leaves no half-written data set). If another process sharing the
+    cache moved its copy there first, that copy (the same bytes) is kept."""
     raw.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".raw.", dir=raw.parent))
     try:
         for name, array in zip(IDX_NAMES, (*train, *test)):
             write_idx(staging / name, array)
-        os.replace(staging, raw)
+        try:
+            os.replace(staging, raw)
+        except OSError:
+            if not all((raw / name).is_file() for name in IDX_NAMES):
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

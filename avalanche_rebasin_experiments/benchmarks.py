@@ -55,20 +55,11 @@ def _rotations(n: int) -> list[float]:
     return [float(r) for r in np.linspace(0, 180, n)]
 
 
-def _shared_cache(prepare: Callable[..., Path], root: Path, validation: bool) -> Path:
-    """``prepare`` a cache copy under ``root``; once more if it failed because another sweep sharing
-    ``--cache`` wrote the same copy at the same moment (its rename came first: the retry finds it)."""
-    try:
-        return prepare(root, validation=validation)
-    except OSError:
-        return prepare(root, validation=validation)
-
-
 def mnist_root(args: argparse.Namespace) -> Path:
     """The embedded digits (or their validation split), or full MNIST with ``--full-mnist``."""
     if not args.full_mnist:
         name = "mnist-embedded-validation" if args.validation else "mnist-embedded"
-        return _shared_cache(prepare_embedded_mnist, Path(args.cache) / name, args.validation)
+        return prepare_embedded_mnist(Path(args.cache) / name, validation=args.validation)
     root = Path(args.data_root or Path(args.cache) / "mnist-full")
     if not args.validation:
         return root
@@ -141,7 +132,7 @@ def fashion_root(args: argparse.Namespace) -> Path:
         return root
     name = "fashion-mnist-validation" if args.validation else "fashion-mnist"
     if DEBIAN_FASHION_MNIST.exists():
-        return _shared_cache(prepare_fashion_mnist, Path(args.cache) / name, args.validation)
+        return prepare_fashion_mnist(Path(args.cache) / name, validation=args.validation)
     root = Path(args.cache) / "fashion-mnist"
     if args.validation:
         from torchvision.datasets import FashionMNIST
