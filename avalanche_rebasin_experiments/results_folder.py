@@ -186,16 +186,21 @@ def _blocking_file(out: Path) -> Path | None:
 def check_writable(out: Path) -> None:
     """Refuse (FolderError, with the fix) an ``out`` that cannot become a folder or be written in,
     by creating it and a probe file there; the folders made for the probe are removed again."""
-    created: list[Path] = []
-    try:
-        created = _make_folders(out)
-        handle, probe = tempfile.mkstemp(prefix=".probe-", dir=out)
-        os.close(handle)
-        os.remove(probe)
-    except OSError as err:
-        raise FolderError(_why_unwritable(out, err)) from None
-    finally:
-        _remove_folders(created)
+    for attempt in range(3):
+        created: list[Path] = []
+        try:
+            created = _make_folders(out)
+            handle, probe = tempfile.mkstemp(prefix=".probe-", dir=out)
+            os.close(handle)
+            os.remove(probe)
+            return
+        except FileNotFoundError as err:  # another sweep's probe removed the folder it had made
+            if attempt == 2 or _blocking_file(out) is not None:
+                raise FolderError(_why_unwritable(out, err)) from None
+        except OSError as err:
+            raise FolderError(_why_unwritable(out, err)) from None
+        finally:
+            _remove_folders(created)
 
 
 def _why_unwritable(out: Path, err: OSError) -> str:
