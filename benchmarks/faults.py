@@ -49,8 +49,15 @@ class Drill:
         self.name, self.fault, self.run = name, fault, run
 
 
+def _default_sigint() -> None:
+    """Python turns SIGINT into KeyboardInterrupt only if it was not ignored at start (a shell
+    ignores it for background jobs, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _sweep(folder: Path, cache: list[str], *argv: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([*HARNESS, *cache, *argv], cwd=folder, env=ENV, text=True, **popen)
+    command = [*HARNESS, *cache, *argv]
+    return subprocess.Popen(command, cwd=folder, env=ENV, text=True, preexec_fn=_default_sigint, **popen)
 
 
 def _finish(process: subprocess.Popen) -> tuple[int, str]:
@@ -177,8 +184,8 @@ def old_temporary_folder(folder: Path, cache: list[str]) -> tuple[bool, str]:
 
 
 def ctrl_c(folder: Path, cache: list[str]) -> tuple[bool, str]:
-    argv = ["--seeds", "0", "1", "--strategies", "naive", "replay", "--out", "Z"]
-    code, text = _interrupt(folder, cache, argv, "[2/4]", 1.0, signal.SIGINT)
+    argv = ["--seeds", "0", "1", "2", "--strategies", "naive", "replay", "--out", "Z"]
+    code, text = _interrupt(folder, cache, argv, "[2/6]", 0.2, signal.SIGINT)
     last = _last_line(text)
     held = code == 130 and last.startswith("interrupted:") and not _hidden(folder / "Z")
     return held, f"status {code}; last line: {last}"
@@ -225,7 +232,7 @@ DRILLS = [
     Drill("kill-after-a-run", "SIGKILL just after a run's line", kill_after_a_run),
     Drill("kill-between-moves", "SIGKILL between the file moves of a save", kill_between_moves),
     Drill("old-temporary-folder", "a temporary folder an earlier version left", old_temporary_folder),
-    Drill("ctrl-c", "Ctrl-C (SIGINT) during a sweep", ctrl_c),
+    Drill("ctrl-c", "Ctrl-C (SIGINT) during the second of six runs", ctrl_c),
     Drill("cold-cache", "two sweeps preparing one empty --cache", cold_cache),
     Drill("kill-mid-run", "SIGKILL mid-run, then the same command", kill_mid_run_then_resume),
     Drill("deleted-metrics", "metrics.csv deleted, then the same command", deleted_metrics),
