@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from .model_inputs import call_model
 from .permute import permute, random_permutation
+from .reachable import reachable_tensors
 from .spec import PermutationSpec
 
 __all__ = ["check_spec"]
@@ -57,7 +58,7 @@ class _Deterministic(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _outputs(module: nn.Module, args: tuple, train: bool, reachable) -> list[Tensor]:
+def _outputs(module: nn.Module, args: tuple, train: bool) -> list[Tensor]:
     module.train(train)
     for m in module.modules():
         if isinstance(m, _NormBase):
@@ -65,7 +66,7 @@ def _outputs(module: nn.Module, args: tuple, train: bool, reachable) -> list[Ten
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     with torch.no_grad(), torch.random.fork_rng(devices=devices), _Deterministic():
         torch.manual_seed(0)
-        return [t for t in reachable(call_model(module, args)) if isinstance(t, Tensor)]
+        return [t for t in reachable_tensors(call_model(module, args)) if isinstance(t, Tensor)]
 
 
 def _difference(a: list[Tensor], b: list[Tensor]) -> float:
@@ -101,16 +102,16 @@ def _tolerance(module: nn.Module) -> float:
 class _Check:
     """Runs the perturbed model and permuted copies of it on the example."""
 
-    def __init__(self, module: nn.Module, args: tuple, reachable, keep: bool) -> None:
+    def __init__(self, module: nn.Module, args: tuple, keep: bool) -> None:
         _perturb_(module)  # the private traced copy: nobody else sees it
-        self.module, self.args, self.reachable = module, args, reachable
+        self.module, self.args = module, args
         self.tolerance = _tolerance(module)
         self.pristine = copy.deepcopy(module) if keep else None  # for further checks (freeze)
         self.expected: list[list[Tensor]] | None = None
 
     def _run(self, module: nn.Module) -> list[list[Tensor]]:
         """Outputs in eval then train mode (in sequence: state carried between calls counts)."""
-        return [_outputs(module, self.args, train, self.reachable) for train in (False, True)]
+        return [_outputs(module, self.args, train) for train in (False, True)]
 
     def change(self, spec: PermutationSpec, perms: dict[str, Tensor]) -> float:
         source = self.pristine if self.pristine is not None else self.module
@@ -121,7 +122,7 @@ class _Check:
 
 
 def check_spec(
-    module: nn.Module, args: tuple, spec: PermutationSpec, freeze: bool, reachable
+    module: nn.Module, args: tuple, spec: PermutationSpec, freeze: bool
 ) -> PermutationSpec:
     """``spec`` if a random permutation keeps ``module``'s outputs on ``args``; otherwise
     raise, or (``freeze``) the spec without the groups that change them. ``module`` is a
@@ -130,7 +131,7 @@ def check_spec(
 
     if not spec.groups:
         return spec
-    check = _Check(module, args, reachable, keep=freeze)
+    check = _Check(module, args, keep=freeze)
     perms = random_permutation(spec, torch.Generator().manual_seed(0))
     change = check.change(spec, perms)
     if change <= check.tolerance:

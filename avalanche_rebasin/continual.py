@@ -118,7 +118,7 @@ class RebasinNetwork(nn.Module):
         self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         self.delta_names = set(self.trainable)
         frozen = self.parameter_names - self.delta_names
-        unpermuted = _groups_touching(spec, frozen) if config.permute else spec.groups
+        unpermuted = spec.groups_touching(frozen) if config.permute else spec.groups
         self.spec = spec.without_groups(*unpermuted)
         self.names = list(theta)
         self.theta = _buffers(theta)
@@ -300,11 +300,6 @@ def _blend(value: Tensor, permuted: Tensor, weight: float, delta: Tensor | None 
     """``(1 − w)·θ + w·π(θ) (+ δ)``."""
     new = (1 - weight) * value + weight * permuted
     return new if delta is None else new + delta
-
-
-def _groups_touching(spec: PermutationSpec, tensors: set[str]) -> list[str]:
-    """Groups that permute an axis of one of ``tensors`` (the user's frozen parameters)."""
-    return [g for g, members in spec.members.items() if any(m.tensor in tensors for m in members)]
 
 
 def _initial_logits(

@@ -25,7 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DEBIAN_FASHION_MNIST", "prepare_embedded_mnist", "prepare_fashion_mnist", "read_idx", "write_idx"]
+__all__ = [
+    "DEBIAN_FASHION_MNIST",
+    "held_out_split",
+    "prepare_embedded_mnist",
+    "prepare_fashion_mnist",
+    "read_idx",
+    "write_idx",
+    "write_split",
+]
 
 TRAIN_PER_CLASS = 400
 VALIDATION_PER_CLASS = 40
@@ -59,7 +67,7 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _write_split(
+def write_split(
     raw: Path, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]
 ) -> None:
     """Write the four idx files into a sibling temporary folder, then move it to ``raw``
@@ -79,7 +87,9 @@ def _write_split(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _held_out(labels: np.ndarray, per_class: int | None, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+def held_out_split(
+    labels: np.ndarray, per_class: int | None, fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, held out): the last ``per_class`` (or ``fraction``) images of each class."""
     keep, held = [], []
     for c in np.unique(labels):
@@ -114,9 +124,9 @@ def prepare_embedded_mnist(root: str | Path, *, validation: bool = False) -> Pat
         test_idx.extend(idx[TRAIN_PER_CLASS:])
     train_idx, test_idx = np.array(train_idx), np.array(test_idx)
     if validation:
-        keep, held = _held_out(labels[train_idx], VALIDATION_PER_CLASS, 0.0)
+        keep, held = held_out_split(labels[train_idx], VALIDATION_PER_CLASS, 0.0)
         train_idx, test_idx = train_idx[keep], train_idx[held]
-    _write_split(raw, (images[train_idx], labels[train_idx]), (images[test_idx], labels[test_idx]))
+    write_split(raw, (images[train_idx], labels[train_idx]), (images[test_idx], labels[test_idx]))
     return root
 
 
@@ -145,10 +155,10 @@ def prepare_fashion_mnist(
 
     images, labels = load(IDX_NAMES[0]), load(IDX_NAMES[1])
     if validation:
-        keep, held = _held_out(labels, None, VALIDATION_FRACTION)
+        keep, held = held_out_split(labels, None, VALIDATION_FRACTION)
         test = (images[held], labels[held])
         images, labels = images[keep], labels[keep]
     else:
         test = (load(IDX_NAMES[2]), load(IDX_NAMES[3]))
-    _write_split(raw, (images, labels), test)
+    write_split(raw, (images, labels), test)
     return root

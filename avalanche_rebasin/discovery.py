@@ -28,8 +28,7 @@ model is never modified. Ops that see a permuted tensor but have no rule raise
 from __future__ import annotations
 
 import contextlib
-import types
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -50,6 +49,7 @@ from ._trace import (
 from ._verify import check_spec
 from .model_inputs import call_model
 from .permute import private_copy
+from .reachable import reachable_tensors
 from .spec import PermutationSpec
 
 __all__ = [
@@ -62,50 +62,13 @@ __all__ = [
     "register_rule",
 ]
 
-_MAX_REACHABLE = 200_000
-
-
-def _reachable_tensors(root: Any) -> list[Tensor]:
-    """Every tensor inside ``root``: through sequences, sets, mappings and the attributes of
-    any object (a ``SimpleNamespace``, a dataclass, a custom output class), not modules."""
-    found, seen, stack = [], set(), [root]
-    while stack and len(seen) < _MAX_REACHABLE:
-        obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, _OPAQUE):
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, Tensor):
-            found.append(obj)
-        elif isinstance(obj, Mapping):
-            stack.extend([*obj.keys(), *obj.values()])
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            stack.extend(obj)
-        elif isinstance(obj, Iterable) and not isinstance(obj, Iterator):  # deque, dict views
-            stack.extend(_items(obj))
-        else:
-            stack.extend(getattr(obj, "__dict__", {}).values())
-            slots = [s for cls in type(obj).__mro__ for s in getattr(cls, "__slots__", ())]
-            stack.extend(getattr(obj, s) for s in slots if isinstance(s, str) and hasattr(obj, s))
-    return found
-
-
-def _items(container: Iterable) -> list[Any]:
-    try:
-        return list(container)
-    except Exception:
-        return []
-
-
-_OPAQUE = (nn.Module, type, types.ModuleType, types.FunctionType, types.MethodType, str, bytes, int, float)
-
-
 def _stored_tensors(model: nn.Module) -> list[Tensor]:
     """Plain tensor attributes a forward left on the modules (feature caches and the like)."""
     out = []
     for module in model.modules():
         for key, value in vars(module).items():
             if key not in ("_parameters", "_buffers", "_modules") and "hook" not in key:
-                out.extend(_reachable_tensors(value))
+                out.extend(reachable_tensors(value))
     return out
 
 
@@ -139,7 +102,7 @@ def _run(tracer: Tracer, model: nn.Module, example_input: Any, train: bool) -> N
     finally:
         for handle in handles:
             handle.remove()
-    for tensor in [*_reachable_tensors(output), *_stored_tensors(model)]:
+    for tensor in [*reachable_tensors(output), *_stored_tensors(model)]:
         tracer.pin(tensor)
 
 
@@ -223,7 +186,7 @@ def discover_spec(
         runner = private_copy(target)
         spec = _trace(runner, example_input, unsupported)
         if verify:
-            spec = check_spec(runner, example_input, spec, unsupported == "freeze", _reachable_tensors)
+            spec = check_spec(runner, example_input, spec, unsupported == "freeze")
     return _prefixed(spec, prefix)
 
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from ._checks import check_finite
 from .checkpointing import optimizer_as_data, optimizer_from_data
-from .continual import _groups_touching
+from .experience_input import example_input_of
 from .interpolation import (
     ALIGNMENTS,
     NEEDS_DATA,
@@ -38,7 +38,6 @@ from .interpolation import (
 )
 from .lmc import reestimate_batchnorm
 from .permute import identity_permutation, load_state_, model_state, private_copy
-from .plugin import _example_input
 from .plugin_compat import check_interpolation_plugins, order_plugins
 from .restart import fresh_initialisation, restart_seed, restart_state
 from .spec import PermutationSpec
@@ -71,6 +70,7 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         spec: a PermutationSpec (default: discovered from the model at every commit).
     """
 
+    commits_to_model = True  # rewrites the model after each experience (see plugin_compat)
     _snapshot: tuple[ExperienceSnapshot, int, int] | None = None  # for checkpoints that predate it
 
     def __init__(
@@ -137,7 +137,7 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         )  # fmt: skip
         frozen = _frozen(model)
         identity = identity_permutation(spec)
-        perms = {g: identity[g] if g in _groups_touching(spec, frozen) else p for g, p in perms.items()}
+        perms = {g: identity[g] if g in spec.groups_touching(frozen) else p for g, p in perms.items()}
         committed = load_state_(  # built on a copy: the user's module changes only once it is complete
             new, interpolated_state(previous, model_state(model), spec, perms, self._alphas, frozen)
         )
@@ -177,7 +177,7 @@ def _discover_spec(plugin: WeightInterpolationPlugin, strategy: Any, model: nn.M
     if plugin.spec is not None:
         return plugin.spec
     try:
-        return PermutationSpec.from_model(model, _example_input(strategy, model))
+        return PermutationSpec.from_model(model, example_input_of(strategy, model))
     except ValueError:
         if plugin.alignment != "none":
             raise

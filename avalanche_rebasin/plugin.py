@@ -30,7 +30,6 @@ from avalanche.benchmarks.scenarios.online import OnlineCLExperience
 from avalanche.distributed import DistributedHelper
 from avalanche.evaluation.metric_results import MetricValue
 from avalanche.models import MultiTaskModule
-from avalanche.models.dynamic_modules import MultiHeadClassifier
 from avalanche.models.utils import avalanche_forward, is_multi_task_module
 from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin, SupervisedPlugin
 from torch import Tensor, nn
@@ -50,6 +49,7 @@ from .continual import (
     make_optimizer,
 )
 from .continual_config import RebasinConfig
+from .experience_input import example_input_of
 from .lmc import reestimate_batchnorm
 from .permute import load_state_
 from .plugin_compat import check_plugins
@@ -72,6 +72,7 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
             heads added by Avalanche's dynamic modules are included).
     """
 
+    commits_to_model = True  # rewrites the model after each task (see plugin_compat)
     _snapshot: _TaskSnapshot | None = None  # class defaults: checkpoints pickled before they existed
     _task_done = False
 
@@ -134,7 +135,7 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
         if self.active or self.trained_tasks == 0:
             return
         model = DistributedHelper.unwrap_model(strategy.model)
-        spec = self.spec or PermutationSpec.from_model(model, _example_input(strategy, model))
+        spec = self.spec or PermutationSpec.from_model(model, example_input_of(strategy, model))
         batches = max(len(strategy.dataloader), 1)
         epochs = _planned_epochs(self.config, strategy.train_epochs, batches)
         cls = _MultiTaskRebasinNetwork if isinstance(model, MultiTaskModule) else RebasinNetwork
@@ -409,15 +410,3 @@ def _check_single(plugins: list[Any]) -> None:
             "A strategy can carry one RebasinPlugin (RebasinStrategy already has its own); "
             "remove the extra one and pass its settings to the first."
         )
-
-
-def _example_input(strategy: Any, model: nn.Module) -> Any:
-    """One sample of the experience, with every task label the model knows if multi-task."""
-    x = strategy.experience.dataset[0][0].unsqueeze(0).to(strategy.device)
-    if not isinstance(model, MultiTaskModule):
-        return x
-    tasks = sorted(
-        {int(t) for m in model.modules() if isinstance(m, MultiHeadClassifier) for t in m.classifiers}
-        | set(strategy.experience.task_labels)
-    )
-    return (x.repeat(len(tasks), *([1] * (x.dim() - 1))), torch.tensor(tasks, device=strategy.device))

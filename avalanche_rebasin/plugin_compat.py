@@ -166,8 +166,6 @@ def _interpolation_reason(plugin: Any, position: int, at: int, restart: float) -
 def check_interpolation_plugins(plugins: Sequence[Any], interpolation: Any) -> None:
     """Raise ``ValueError`` naming every plugin that would be silently wrong beside
     ``interpolation`` (a second interpolation or Re-basin commit included)."""
-    from .plugin import RebasinPlugin  # plugin.py imports this module
-
     at = next(i for i, p in enumerate(plugins) if p is interpolation)
     restart = interpolation.restart
     problems = []
@@ -179,7 +177,7 @@ def check_interpolation_plugins(plugins: Sequence[Any], interpolation: Any) -> N
     for i, plugin in enumerate(plugins):
         if plugin is interpolation:
             continue
-        if isinstance(plugin, RebasinPlugin | type(interpolation)):
+        if getattr(plugin, "commits_to_model", False):  # declared by RebasinPlugin and the like
             problems.append(
                 f"{type(plugin).__name__} also rewrites the model after every experience, and the second "
                 "commit would change the first's formula; use one of them"

@@ -140,6 +140,11 @@ class PermutationSpec:
     def groups(self) -> list[str]:
         return list(self.group_sizes)
 
+    def groups_touching(self, tensors: Iterable[str]) -> list[str]:
+        """The groups that permute an axis of one of ``tensors`` (e.g. frozen parameters)."""
+        names = set(tensors)
+        return [g for g, members in self.members.items() if any(m.tensor in names for m in members)]
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.group_sizes)
 

@@ -71,12 +71,18 @@ def mnist_root(args: argparse.Namespace) -> Path:
 
 def _held_out_copy(raw: Path, root: Path, folder: str) -> Path:
     """``root`` holding a validation split (last 10 % per class) of the idx files in ``raw``."""
-    from avalanche_rebasin.datasets import IDX_NAMES, VALIDATION_FRACTION, _held_out, _write_split, read_idx
+    from avalanche_rebasin.datasets import (
+        IDX_NAMES,
+        VALIDATION_FRACTION,
+        held_out_split,
+        read_idx,
+        write_split,
+    )
 
     if not all((root / folder / "raw" / n).exists() for n in IDX_NAMES):
         images, labels = read_idx(raw / IDX_NAMES[0]), read_idx(raw / IDX_NAMES[1])
-        keep, held = _held_out(labels, None, VALIDATION_FRACTION)
-        _write_split(root / folder / "raw", (images[keep], labels[keep]), (images[held], labels[held]))
+        keep, held = held_out_split(labels, None, VALIDATION_FRACTION)
+        write_split(root / folder / "raw", (images[keep], labels[keep]), (images[held], labels[held]))
     return root
 
 

@@ -140,7 +140,7 @@ def train_mlp(seed: int, x: torch.Tensor, y: torch.Tensor, width: int = 64, epoc
 def _outputs(model: nn.Module, x, train: bool) -> list[torch.Tensor]:
     """Output tensors in train or eval mode; dropout off (its masks are only equivariant in
     distribution), BatchNorm on batch statistics in train mode."""
-    from avalanche_rebasin.discovery import _reachable_tensors
+    from avalanche_rebasin.reachable import reachable_tensors
 
     model.train(train)
     for module in model.modules():
@@ -148,7 +148,7 @@ def _outputs(model: nn.Module, x, train: bool) -> list[torch.Tensor]:
             module.eval()
     with torch.no_grad():
         out = model(*x) if isinstance(x, tuple) else model(x)
-    return [t.detach() for t in _reachable_tensors(out)]
+    return [t.detach() for t in reachable_tensors(out)]
 
 
 def assert_function_preserved(model: nn.Module, x, spec=None, seed: int = 0, atol: float = 1e-5):

@@ -147,14 +147,14 @@ def test_overwrite_discards_the_runs_found_at_start_but_not_those_another_sweep_
 
 def test_two_sweeps_preparing_one_cold_cache_at_once_both_get_the_digits(tmp_path, monkeypatch):
     """The other sweep's copy lands between this one's check and its own final rename."""
-    real_write = datasets._write_split
+    real_write = datasets.write_split
 
     def the_other_sweep_wrote_first(raw, train, test):
         if not raw.exists():
             real_write(raw, train, test)
         real_write(raw, train, test)  # this sweep's rename onto a folder that is there now
 
-    monkeypatch.setattr(datasets, "_write_split", the_other_sweep_wrote_first)
+    monkeypatch.setattr(datasets, "write_split", the_other_sweep_wrote_first)
     args = cli.make_parser().parse_args([*BASE, "--cache", str(tmp_path / "cache")])
     cli.resolve_defaults(args)
     root = benchmarks.mnist_root(args)
