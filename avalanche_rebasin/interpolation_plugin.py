@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader
 
 from ._checks import check_finite
 from .checkpointing import optimizer_as_data, optimizer_from_data
-from .experience_input import example_input_of
 from .interpolation import (
     ALIGNMENTS,
     NEEDS_DATA,
@@ -39,6 +38,7 @@ from .interpolation import (
 from .lmc import reestimate_batchnorm
 from .permute import identity_permutation, load_state_, model_state, private_copy
 from .plugin_compat import check_interpolation_plugins, order_plugins
+from .plugin_inputs import example_input_of
 from .restart import fresh_initialisation, restart_seed, restart_state
 from .spec import PermutationSpec
 from .transaction import ExperienceSnapshot, guard_experiences, release_experiences

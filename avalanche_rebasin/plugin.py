@@ -49,10 +49,10 @@ from .continual import (
     make_optimizer,
 )
 from .continual_config import RebasinConfig
-from .experience_input import example_input_of
 from .lmc import reestimate_batchnorm
 from .permute import load_state_
 from .plugin_compat import check_plugins
+from .plugin_inputs import example_input_of
 from .spec import PermutationSpec
 from .transaction import ExperienceSnapshot, guard_experiences, release_experiences
 
