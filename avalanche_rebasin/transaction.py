@@ -10,10 +10,11 @@ the last phase has returned; ``release_experiences`` (from ``after_training``) r
 wrappers again.
 
 :class:`ExperienceSnapshot` is what an owner keeps: the user's module (every parameter and
-buffer) and the optimiser's state once the experience's model adaptation has run.
+buffer) once the experience's model adaptation has run.
 :class:`Bookkeeping` is what the guard keeps: Avalanche's own state (the clock, its plugins'
 replay buffers, LwF's teacher, LR schedulers, DER's and ER-ACE's buffers) before the
-experience's first phase, restored after the owners' rollbacks.
+experience's first phase (the model's structure and the optimiser included), restored after
+the owners' rollbacks.
 """
 
 from __future__ import annotations
@@ -44,27 +45,20 @@ class Transactional(Protocol):
 
 @dataclass
 class ExperienceSnapshot:
-    """The user's module and the strategy's optimiser as an experience found them (taken by
-    an owner once model adaptation has run, so a head grown for the experience is kept)."""
+    """The user's module as an experience found it, taken by an owner once model adaptation has
+    run (the optimiser, and the structure before adaptation, are :class:`Bookkeeping`'s)."""
 
     module: nn.Module
     state: dict[str, Tensor]
-    optimizer: torch.optim.Optimizer | None
-    optimizer_state: dict[str, Any] | None
 
     @classmethod
     def take(cls, strategy: Any, module: nn.Module) -> ExperienceSnapshot:
-        state = {k: v.detach().clone() for k, v in model_state(module).items()}
-        optimizer = getattr(strategy, "optimizer", None)
-        saved = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
-        return cls(module, state, optimizer, saved)
+        return cls(module, {k: v.detach().clone() for k, v in model_state(module).items()})
 
     def restore(self) -> None:
-        """The module's tensors (in place) and the optimiser's state back to the snapshot."""
+        """The module's tensors back to the snapshot, in place."""
         with torch.no_grad():
             load_state_(self.module, self.state)
-        if self.optimizer is not None and self.optimizer_state is not None:
-            self.optimizer.load_state_dict(self.optimizer_state)
 
 
 @dataclass
