@@ -34,7 +34,9 @@ def resolve_spec(model: nn.Module, spec: PermutationSpec | None, example_input: 
             "Pass example_input= (a batch the model accepts) so the permutation spec can be "
             "discovered, or pass spec= explicitly."
         )
-    return PermutationSpec.from_model(model, example_input)
+    from .discovery import discover_spec  # discovery does not import this module
+
+    return discover_spec(model, example_input)
 
 
 def check_integer(name: str, value: Any, low: int, *, optional: bool = False) -> None:

@@ -34,8 +34,9 @@ def _parent(spec: PermutationSpec, group: str) -> str | None:
     for m in spec.members[group]:
         parts = axis_parts(spec.axes[m.tensor][m.axis])
         nxt = parts[m.position + 1] if m.position + 1 < len(parts) else None
-        ok = nxt is not None and nxt.offset == m.offset and nxt.outer == 1 and (m.inner, m.outer) == (1, 1)
-        if not ok or spec.group_sizes.get(nxt.group) != blocks or nxt.inner != size // blocks:
+        if nxt is None or nxt.offset != m.offset or nxt.outer != 1 or (m.inner, m.outer) != (1, 1):
+            return None
+        if spec.group_sizes.get(nxt.group) != blocks or nxt.inner != size // blocks:
             return None
         parents.add(nxt.group)
     return parents.pop() if len(parents) == 1 else None

@@ -19,7 +19,9 @@ __all__: list[str] = []
 def _plain(tr: Tracer, tensor: Tensor | None) -> ParamRef | None:
     """The parameter ``tensor`` is, when it is one with its own axis order (else None)."""
     ref = tr.param(tensor)
-    if ref is not None and ref.axes == tuple(range(len(ref.axes))) and len(ref.axes) == tensor.dim():
+    if ref is not None and tensor is not None and ref.axes == tuple(range(len(ref.axes))) and (
+        len(ref.axes) == tensor.dim()
+    ):
         return ref
     return None
 
@@ -48,7 +50,8 @@ def _linear(tr: Tracer, call: OpCall) -> Feature | None:
         tr.fix_tensor(b)
         return s
     if w is None or weight.dim() != 2:
-        return _computed_weight(tr, call, s, b)
+        _computed_weight(tr, call, s, b)
+        return None
     tr.assign(w, 1, s)  # through the view: `F.linear(h, enc.weight.t())` ties enc's axes
     var = tr.new_var(w.name.rsplit(".", 1)[0], weight.shape[0])
     tr.assign(w, 0, var)
@@ -83,7 +86,8 @@ def _convolution(tr: Tracer, call: OpCall, w_in: int, w_out: int) -> Feature | N
         tr.fix(s)  # units on a spatial axis, or in blocks: the convolution sees them in place
         s = None
     if w is None:
-        return _computed_weight(tr, call, s, b)
+        _computed_weight(tr, call, s, b)
+        return None
     if groups == 1:
         tr.fix_tensor(w, keep=(0, 1))  # kernel axes
         tr.assign(w, w_in, s)

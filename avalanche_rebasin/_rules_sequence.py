@@ -251,7 +251,7 @@ def _contract(tr: Tracer, call: OpCall, operands: list, subs: list[str], out: st
         return None
     kept: dict[int, list[int]] = {}
     for k, (t, sub) in enumerate(zip(operands, subs)):
-        own = sub[tr.state(t).axis] if tr.state(t) is not None else None
+        own = sub[state.axis] if (state := tr.state(t)) is not None else None
         for letter, feature in found.items():
             if letter not in sub or letter == own:
                 continue
@@ -288,6 +288,7 @@ def _projection(
     if len(fresh) != 1:
         return None
     ref, axis = tr.param(operands[k]), subs[k].index(fresh[0])
+    assert ref is not None  # k indexes a parameter operand
     var = tr.new_var(ref.name.rsplit(".", 1)[0], operands[k].shape[axis])
     tr.assign(ref, axis, var)
     kept.setdefault(k, []).append(axis)

@@ -46,7 +46,7 @@ def _broadcast_ref(tr: Tracer, call: OpCall) -> ParamRef | None:
     """The view of the single parameter operand of an op on unpermuted data, if the other
     operands only broadcast (``w * 2``, ``w.to(x.dtype)``); else pin every parameter."""
     out, tensors = call.out_tensors(), call.tensors()
-    refs = [(t, tr.param(t)) for t in tensors if tr.param(t) is not None]
+    refs = [(t, ref) for t in tensors if (ref := tr.param(t)) is not None]
     others = [t for t in tensors if tr.param(t) is None]
     if len(refs) == 1 and len(out) == 1 and all(t.numel() == 1 for t in others):
         t, ref = refs[0]
@@ -61,7 +61,7 @@ def _broadcast_ref(tr: Tracer, call: OpCall) -> ParamRef | None:
 def _elementwise(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
     """Broadcasting element-wise ops: every operand varying along the axis shares it."""
     out, tensors = call.out_tensors(), call.tensors()
-    permuted = [(t, tr.state(t)) for t in tensors if tr.state(t) is not None]
+    permuted = [(t, s) for t in tensors if (s := tr.state(t)) is not None]
     if not out:
         return None
     if not permuted:
@@ -105,7 +105,7 @@ def _attribute(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
     x, out = call.args[0] if call.args else None, call.out
     prop = getattr(getattr(call.func, "__self__", None), "__name__", "")
     s, ref = tr.state(x), tr.param(x)
-    if not isinstance(out, Tensor) or (s is None and ref is None):
+    if not isinstance(out, Tensor) or x is None or (s is None and ref is None):
         return None
     order = list(range(x.dim()))
     if prop in ("T", "mT", "H", "mH"):
@@ -118,6 +118,7 @@ def _attribute(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
         return None
     if ref is not None:
         return ParamRef(ref.name, tuple(ref.axes[k] for k in order))
+    assert s is not None  # one of the two is known
     return s.moved(order.index(s.axis))
 
 
@@ -253,7 +254,9 @@ def _reshape_groups(shape_in: list[int], shape_out: list[int]) -> list[tuple[lis
             groups.append(([], [j]))
             j += 1
             continue
-        ins, outs, p, q = [], [], 1, 1
+        ins: list[int] = []
+        outs: list[int] = []
+        p, q = 1, 1
         while True:
             if p <= q and i < len(shape_in):
                 p, ins = p * shape_in[i], [*ins, i]
@@ -345,8 +348,8 @@ def _axis_order(call: OpCall, ndim: int) -> list[int]:
     if call.name == "t":
         return order[::-1]
     if call.name in ("movedim", "moveaxis"):
-        src = normalize_dims(call.arg(1, "source"), ndim)
-        dst = normalize_dims(call.arg(2, "destination"), ndim)
+        src = normalize_dims(call.arg(1, "source"), ndim) or []
+        dst = normalize_dims(call.arg(2, "destination"), ndim) or []
         rest = iter(d for d in order if d not in src)
         placed = dict(zip(dst, src))
         return [placed[k] if k in placed else next(rest) for k in range(ndim)]
@@ -364,6 +367,7 @@ def _transpose(tr: Tracer, call: OpCall) -> Feature | ParamRef | None:
     order = _axis_order(call, x.dim())
     if ref is not None:
         return ParamRef(ref.name, tuple(ref.axes[k] for k in order))
+    assert s is not None  # one of the two is known
     return s.moved(order.index(s.axis))
 
 
@@ -458,7 +462,8 @@ def _repeat(tr: Tracer, call: OpCall) -> Feature | None:
     s = tr.state(x)
     if s is None:
         return None
-    reps = call.args[1:] if len(call.args) > 1 else (call.kwargs.get("repeats") or call.kwargs.get("dims"))
+    given = call.kwargs.get("repeats") or call.kwargs.get("dims") or ()
+    reps = call.args[1:] if len(call.args) > 1 else given
     reps = list(reps[0]) if len(reps) == 1 and not isinstance(reps[0], int) else list(reps)
     if len(reps) < x.dim():
         reps = [1] * (x.dim() - len(reps)) + reps
@@ -506,7 +511,7 @@ def _cat(tr: Tracer, call: OpCall) -> Feature | None:
 
 
 @register_rule("chunk", "split", "split_with_sizes", "tensor_split", "unbind")
-def _split_op(tr: Tracer, call: OpCall) -> list[Feature | None] | None:
+def _split_op(tr: Tracer, call: OpCall) -> list[Feature] | None:
     """Pieces along another axis keep the units; pieces along the permuted axis are the
     segments of a concatenation (each its own group, as ``torch.cat`` would make them)."""
     x, outputs = call.args[0], call.out_tensors()

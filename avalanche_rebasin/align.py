@@ -118,7 +118,7 @@ def _make_cost(
     """The cost callable and whether it needs data."""
     if callable(cost):
         return cost, True
-    weight_costs = {"l2": L2Cost, "l1": L1Cost, "cosine": CosineCost}
+    weight_costs: dict[str, Callable[[list[str]], Cost]] = {"l2": L2Cost, "l1": L1Cost, "cosine": CosineCost}
     if cost in weight_costs:
         return weight_costs[cost](keys), False
     loss_fn = loss_fn or nn.functional.cross_entropy

@@ -98,6 +98,8 @@ class RebasinNetwork(nn.Module):
         steps_total: optimiser steps planned (for τ annealing).
     """
 
+    base: nn.Module  # the user's module, kept outside the submodules (see __init__)
+
     def __init__(
         self,
         model: nn.Module,
@@ -164,6 +166,7 @@ class RebasinNetwork(nn.Module):
         """``(1 − a)θ + aπ(θ) + δ`` for trainable parameters (the training plans, or ``hard``),
         θ for frozen ones, the network's own running buffers for the rest."""
         theta, a = self.theta_state(), self.config.train_alpha
+        assert a is not None  # RebasinConfig sets it (to alpha when not given)
         if hard is not None:
             permuted = permute_state(theta, self.spec, hard)
         elif self.permutation is not None:

@@ -64,11 +64,12 @@ def mix(a: Tensor, b: Tensor, weight: float | Tensor, *, finite: bool = False) -
 def interpolate_state(a: State, b: State, lam: float | Tensor | Mapping[str, float]) -> dict[str, Tensor]:
     """``(1−λ)·a + λ·b`` for floating tensors (see :func:`mix`; ``lam`` may map every tensor
     name to its own λ); integer buffers from ``a``. One finiteness check for the whole state."""
-    per_tensor = isinstance(lam, Mapping)
     floating = [k for k, v in a.items() if v.is_floating_point()]
     finite = all_finite([*(a[k] for k in floating), *(b[k] for k in floating)])
     return {
-        k: mix(v, b[k], lam[k] if per_tensor else lam, finite=finite) if v.is_floating_point() else v  # type: ignore[index]
+        k: mix(v, b[k], lam[k] if isinstance(lam, Mapping) else lam, finite=finite)
+        if v.is_floating_point()
+        else v
         for k, v in a.items()
     }
 

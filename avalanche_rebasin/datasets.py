@@ -91,7 +91,8 @@ def held_out_split(
     labels: np.ndarray, per_class: int | None, fraction: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, held out): the last ``per_class`` (or ``fraction``) images of each class."""
-    keep, held = [], []
+    keep: list[int] = []
+    held: list[int] = []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         cut = len(idx) - (per_class if per_class is not None else round(fraction * len(idx)))
@@ -117,12 +118,13 @@ def prepare_embedded_mnist(root: str | Path, *, validation: bool = False) -> Pat
         ) from err
     images, labels = mnist_data()
     images, labels = images.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.uint8)
-    train_idx, test_idx = [], []
+    train_list: list[int] = []
+    test_list: list[int] = []
     for c in range(10):
         idx = np.flatnonzero(labels == c)
-        train_idx.extend(idx[:TRAIN_PER_CLASS])
-        test_idx.extend(idx[TRAIN_PER_CLASS:])
-    train_idx, test_idx = np.array(train_idx), np.array(test_idx)
+        train_list.extend(idx[:TRAIN_PER_CLASS])
+        test_list.extend(idx[TRAIN_PER_CLASS:])
+    train_idx, test_idx = np.array(train_list), np.array(test_list)
     if validation:
         keep, held = held_out_split(labels[train_idx], VALIDATION_PER_CLASS, 0.0)
         train_idx, test_idx = train_idx[keep], train_idx[held]

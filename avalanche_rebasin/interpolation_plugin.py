@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from ._checks import check_finite
 from .checkpointing import optimizer_as_data, optimizer_from_data
+from .discovery import discover_spec
 from .interpolation import (
     ALIGNMENTS,
     NEEDS_DATA,
@@ -177,7 +178,7 @@ def _discover_spec(plugin: WeightInterpolationPlugin, strategy: Any, model: nn.M
     if plugin.spec is not None:
         return plugin.spec
     try:
-        return PermutationSpec.from_model(model, example_input_of(strategy, model))
+        return discover_spec(model, example_input_of(strategy, model))
     except ValueError:
         if plugin.alignment != "none":
             raise

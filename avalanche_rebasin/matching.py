@@ -22,6 +22,7 @@ exactly), later sweeps a random order, until a full sweep improves nothing.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -209,17 +210,14 @@ class _CorrelationStats:
 
     def __init__(self) -> None:
         self.n = 0
-        self.sa = self.sb = self.saa = self.sbb = self.sab = None
+        zero = torch.zeros((), dtype=torch.float64)  # broadcasts to the first batch's shapes
+        self.sa, self.sb, self.saa, self.sbb, self.sab = zero, zero, zero, zero, zero
 
     def update(self, a: Tensor, b: Tensor) -> None:  # a, b: (samples, units)
         a, b = a.double(), b.double()
-        if self.sa is None:
-            self.sa, self.sb = a.sum(0), b.sum(0)
-            self.saa, self.sbb, self.sab = (a * a).sum(0), (b * b).sum(0), a.T @ b
-        else:
-            self.sa, self.sb = self.sa + a.sum(0), self.sb + b.sum(0)
-            self.saa, self.sbb = self.saa + (a * a).sum(0), self.sbb + (b * b).sum(0)
-            self.sab = self.sab + a.T @ b
+        self.sa, self.sb = self.sa + a.sum(0), self.sb + b.sum(0)
+        self.saa, self.sbb = self.saa + (a * a).sum(0), self.sbb + (b * b).sum(0)
+        self.sab = self.sab + a.T @ b
         self.n += a.shape[0]
 
     def correlation(self) -> Tensor:
@@ -270,7 +268,8 @@ def activation_matching(
         if not seen:
             unseen.append(group)
             continue
-        perms[group] = blocked_hard_permutation(sum(s.correlation() for s in seen), spec.blocks(group))
+        total = functools.reduce(torch.add, [s.correlation() for s in seen])
+        perms[group] = blocked_hard_permutation(total, spec.blocks(group))
     if unseen:
         warnings.warn(
             f"activation_matching: no module output carries the units of {len(unseen)} group(s), which "

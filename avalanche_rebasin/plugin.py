@@ -49,6 +49,7 @@ from .continual import (
     make_optimizer,
 )
 from .continual_config import RebasinConfig
+from .discovery import discover_spec
 from .lmc import reestimate_batchnorm
 from .permute import load_state_
 from .plugin_compat import check_plugins
@@ -63,7 +64,7 @@ class _MultiTaskRebasinNetwork(RebasinNetwork, MultiTaskModule):
     """The same network, seen by Avalanche as multi-task (``avalanche_forward`` passes task labels)."""
 
 
-class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
+class RebasinPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[call-arg]
     """Re-basin incremental learning (Guerrero Peña et al., CVPR 2023) for any template.
 
     Args:
@@ -135,7 +136,7 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
         if self.active or self.trained_tasks == 0:
             return
         model = DistributedHelper.unwrap_model(strategy.model)
-        spec = self.spec or PermutationSpec.from_model(model, example_input_of(strategy, model))
+        spec = self.spec or discover_spec(model, example_input_of(strategy, model))
         batches = max(len(strategy.dataloader), 1)
         epochs = _planned_epochs(self.config, strategy.train_epochs, batches)
         cls = _MultiTaskRebasinNetwork if isinstance(model, MultiTaskModule) else RebasinNetwork
@@ -145,7 +146,7 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
         self.network = network
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
-        if self.active and self.config.beta:
+        if self.network is not None and self.config.beta:
             penalty = delta_penalty(self.network)
             # Under DDP a δ the forward did not use (another task's head) is already marked
             # ready; the penalty's gradient 2βδ is then added in before_update instead.
@@ -153,14 +154,14 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
             strategy.loss = strategy.loss + (penalty.detach() if distributed else penalty)
 
     def before_update(self, strategy: Any, **kwargs: Any) -> None:
-        if not self.active:
+        if self.network is None:
             return
         if DistributedHelper.is_distributed:
             add_penalty_gradient(self.network)
         clip_delta_gradients(self.network)
 
     def after_update(self, strategy: Any, **kwargs: Any) -> None:
-        if not self.active:
+        if self.network is None:
             return
         self.network.steps_done += 1
         label = first_non_finite(self.network)
@@ -177,7 +178,7 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):
         self._task_done = _at_task_end(strategy.experience, self._subexps_seen)
         if not self._task_done:
             return
-        if self.active:
+        if self.network is not None:
             try:
                 report = _commit(strategy, self.network)
             finally:
@@ -304,7 +305,7 @@ def _commit(strategy: Any, network: RebasinNetwork) -> ExperienceReport:
     return report
 
 
-class _RebasinStarter(SupervisedPlugin, supports_distributed=True):
+class _RebasinStarter(SupervisedPlugin, supports_distributed=True):  # type: ignore[call-arg]
     """Starts a re-basin task after the other plugins' ``before_training_exp`` (replay loaders
     and the like are in place, so the step count is the one trained)."""
 
@@ -370,6 +371,7 @@ def _average_batchnorm_across_processes(model: nn.Module) -> None:
         return
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            assert m.running_var is not None  # tracked together with the mean
             for stat in (m.running_mean, m.running_var):
                 torch.distributed.all_reduce(stat)
                 stat /= DistributedHelper.world_size

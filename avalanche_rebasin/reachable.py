@@ -16,7 +16,9 @@ _MAX_REACHABLE = 200_000
 def reachable_tensors(root: Any) -> list[Tensor]:
     """Every tensor inside ``root``: through sequences, sets, mappings and the attributes of
     any object (a ``SimpleNamespace``, a dataclass, a custom output class), not modules."""
-    found, seen, stack = [], set(), [root]
+    found: list[Tensor] = []
+    seen: set[int] = set()
+    stack = [root]
     while stack and len(seen) < _MAX_REACHABLE:
         obj = stack.pop()
         if id(obj) in seen or isinstance(obj, _OPAQUE):

@@ -22,8 +22,9 @@ Specs are derived automatically with :meth:`PermutationSpec.from_model` (see
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -80,6 +81,9 @@ class PermutationSpec:
     ``PermutationSpec.from_model(model, example_input)`` discovers the spec by tracing
     (see :func:`avalanche_rebasin.discovery.discover_spec`).
     """
+
+    # set by avalanche_rebasin.discovery (the package imports it): the spec traced from a model
+    from_model: ClassVar[Callable[..., PermutationSpec]]
 
     group_sizes: Mapping[str, int]
     axes: Mapping[str, tuple[AxisEntry, ...]]

@@ -97,7 +97,7 @@ class RebasinStrategy(SupervisedTemplate):
         self.rebasin = RebasinPlugin(config, spec=spec, **settings)
         check_plugins(plugins or [], owner="RebasinStrategy")
         super().__init__(model=model, optimizer=optimizer, plugins=[self.rebasin, *(plugins or [])], **kwargs)
-        self.plugins = arrange_plugins(self.plugins, self.rebasin)
+        self.plugins = arrange_plugins(self.plugins, self.rebasin)  # type: ignore[has-type]
 
     @classmethod
     def from_preset(
@@ -135,13 +135,14 @@ class RebasinStrategy(SupervisedTemplate):
 def _declare_config_keywords(cls: type) -> None:
     """Show :class:`RebasinConfig`'s fields as keyword-only arguments of ``cls.__init__``
     (Avalanche rejects keywords that no ``__init__`` signature declares)."""
-    signature = inspect.signature(cls.__init__)
+    init = vars(cls)["__init__"]
+    signature = inspect.signature(init)
     params = list(signature.parameters.values())
     fields = [
         inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
         for f in dataclasses.fields(RebasinConfig)
     ]
-    cls.__init__.__signature__ = signature.replace(parameters=[*params[:-1], *fields, params[-1]])
+    init.__signature__ = signature.replace(parameters=[*params[:-1], *fields, params[-1]])
 
 
 _declare_config_keywords(RebasinStrategy)

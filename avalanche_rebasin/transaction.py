@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import copy
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -235,7 +236,7 @@ class _Transaction:
     def roll_back(self, error: BaseException) -> None:
         """Every owner's rollback, then Avalanche's state; a failure is noted on ``error``."""
         bookkeeping, self.bookkeeping = self.bookkeeping, None
-        steps = [functools.partial(owner.rollback, self.strategy) for owner in self.owners]
+        steps: list[Callable[[], None]] = [functools.partial(o.rollback, self.strategy) for o in self.owners]
         steps += [bookkeeping.restore] if bookkeeping is not None else []
         for step in steps:
             try:
