@@ -23,7 +23,7 @@ from .costs import (
 from .discovery import UnsupportedOperationError, discover_spec, register_rule
 from .grouped_optimizer import GroupedOptimizer
 from .lmc import LMCCurve, barrier_and_auc, interpolate, lmc_curve, reestimate_batchnorm
-from .matching import weight_matching
+from .matching import activation_matching, straight_through, weight_matching
 from .permute import (
     identity_permutation,
     invert_permutation,
@@ -33,7 +33,7 @@ from .permute import (
     random_permutation,
     soft_permute_state,
 )
-from .sinkhorn import Sinkhorn, hard_permutation, marginal_error, permutation_matrix
+from .sinkhorn import Sinkhorn, SinkhornOutput, hard_permutation, marginal_error, permutation_matrix
 from .spec import AxisPermutation, PermutationSpec
 
 __version__ = "0.1.0"
@@ -45,6 +45,7 @@ __all__ = [
     "CosineCost",
     "ExperienceReport",
     "GroupedOptimizer",
+    "InterpolationStrategy",
     "L1Cost",
     "L2Cost",
     "LMCCurve",
@@ -57,7 +58,10 @@ __all__ = [
     "RebasinPlugin",
     "RebasinStrategy",
     "Sinkhorn",
+    "SinkhornOutput",
     "UnsupportedOperationError",
+    "WeightInterpolationPlugin",
+    "activation_matching",
     "align",
     "atomic_save_checkpoint",
     "barrier_and_auc",
@@ -79,6 +83,7 @@ __all__ = [
     "reestimate_batchnorm",
     "register_rule",
     "soft_permute_state",
+    "straight_through",
     "weight_matching",
 ]
 
@@ -87,6 +92,8 @@ _AVALANCHE_EXPORTS = {
     "RebasinStrategy": "strategy",
     "RebasinPlugin": "plugin",
     "atomic_save_checkpoint": "checkpointing",
+    "InterpolationStrategy": "interpolation_plugin",
+    "WeightInterpolationPlugin": "interpolation_plugin",
 }
 
 

@@ -54,6 +54,17 @@ def test_import_of_the_core_does_not_import_avalanche():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_every_public_name_resolves_and_the_avalanche_ones_import_it_only_on_use():
+    code = (
+        "import sys, avalanche_rebasin as ar; "
+        "core = [n for n in ar.__all__ if n not in ar._AVALANCHE_EXPORTS]; "
+        "[getattr(ar, n) for n in core]; assert 'avalanche' not in sys.modules; "
+        "[getattr(ar, n) for n in ar._AVALANCHE_EXPORTS]; assert 'avalanche' in sys.modules; "
+        "assert set(ar._AVALANCHE_EXPORTS) <= set(ar.__all__)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_periodic_evaluation_scores_the_network_being_trained():
     torch.manual_seed(0)
     bench = _benchmark()
