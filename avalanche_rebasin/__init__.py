@@ -91,7 +91,7 @@ __all__ = [
 _AVALANCHE_EXPORTS = {
     "RebasinStrategy": "strategy",
     "RebasinPlugin": "plugin",
-    "atomic_save_checkpoint": "checkpointing",
+    "atomic_save_checkpoint": "strategy",
     "InterpolationStrategy": "interpolation_plugin",
     "WeightInterpolationPlugin": "interpolation_plugin",
 }

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -145,9 +145,17 @@ def _initial_logits(
     raise ValueError(f"Unknown init {init!r}; use 'identity', 'random' or 'weight_matching'.")
 
 
-def _batches(data: Iterable | None, needs_data: bool) -> Iterable[Any]:
-    """``None`` forever for weight costs; else :func:`batch_stream` (empty data raises here)."""
-    return batch_stream(data, "data") if needs_data and data is not None else itertools.repeat(None)
+def _batches(data: Iterable | None, needs_data: bool, cost: Any, dtype: torch.dtype | None) -> Iterator[Any]:
+    """``None`` forever for weight costs; else :func:`batch_stream` (missing or empty data
+    raises here), its floating tensors cast to ``dtype`` when given."""
+    if not needs_data:
+        return itertools.repeat(None)
+    if data is None:
+        raise ValueError(
+            f"cost={cost!r} evaluates the task loss: pass data= (an iterable of (x, y) batches)."
+        )
+    stream = batch_stream(data, "data")
+    return stream if dtype is None else (floating_to(batch, dtype) for batch in stream)
 
 
 def _cost_label(cost: Any) -> str:
@@ -299,21 +307,15 @@ def align(
     theta_a, theta_b = model_state(model_a), model_state(model_b)
     params = {name for name, _ in model_a.named_parameters()}
     keys = [k for k in spec.axes if k in params and theta_a[k].is_floating_point()]
-    ref_dtype = theta_a[keys[0]].dtype if keys else torch.float32
-    work = torch.float32 if ref_dtype in HALF_TYPES else ref_dtype
-    if work != ref_dtype:  # Adam's first step on half-precision logits overflows: solve in float32
+    work = _working_dtype(theta_a, keys)
+    upcast = bool(keys) and work != theta_a[keys[0]].dtype
+    if upcast:
         theta_a, theta_b = _floating_state(theta_a, work), _floating_state(theta_b, work)
         model_a = private_copy(model_a).to(work)
     cost_fn, needs_data = _make_cost(cost, model_a, keys, loss_fn, seed)
-    if needs_data and data is None:
-        raise ValueError(
-            f"cost={cost!r} evaluates the task loss: pass data= (an iterable of (x, y) batches)."
-        )
-    batches = _batches(data, needs_data)
+    batches = _batches(data, needs_data, cost, work if upcast else None)
     if not keys:
         return _identity_result(model_b, spec, theta_a)
-    if needs_data and work != ref_dtype:
-        batches = (floating_to(batch, work) for batch in batches)
     ref = theta_a[keys[0]]
     generator = torch.Generator().manual_seed(seed)
     logits = PermutationLogits(
@@ -348,6 +350,13 @@ def _check_numbers(**values: Any) -> None:
     for name in ("lr", "tau"):
         check_real(name, values[name], 0, strict=True)
     check_real("rtol", values["rtol"], 0)
+
+
+def _working_dtype(theta: Mapping[str, Tensor], keys: list[str]) -> torch.dtype:
+    """The weights' dtype, float32 for half precision: Adam's first step on half-precision
+    logits overflows, so those are solved in float32 (as the Sinkhorn operator computes)."""
+    dtype = theta[keys[0]].dtype if keys else torch.float32
+    return torch.float32 if dtype in HALF_TYPES else dtype
 
 
 def _floating_state(state: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:

@@ -4,49 +4,19 @@ dill 0.4 pickles torch's optimiser classes by value and fails; a strategy's
 ``__getstate__``/``__setstate__`` pass their state through :func:`optimizer_as_data` and
 :func:`optimizer_from_data`, which store the optimiser as class path, groups and state by
 parameter name.
-
-:func:`atomic_save_checkpoint` is Avalanche's ``save_checkpoint`` written to a temporary file
-beside the target and moved over it with ``os.replace``: a kill mid-save leaves the previous
-checkpoint whole (Avalanche's own writes in place, and a truncated file then fails to load).
 """
 
 from __future__ import annotations
 
 import importlib
-import os
-import tempfile
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["atomic_save_checkpoint", "optimizer_as_data", "optimizer_from_data"]
-
-
-def atomic_save_checkpoint(
-    strategy: Any, fname: str | os.PathLike[str], exclude: Collection[str] | None = None
-) -> None:
-    """``avalanche.checkpointing.save_checkpoint(strategy, fname, exclude)``, atomically: the
-    file at ``fname`` is the previous checkpoint or the new one, never a part of either.
-
-    Use it where you would call Avalanche's, e.g. after every ``strategy.train(exp)``; load
-    with Avalanche's ``maybe_load_checkpoint`` as usual."""
-    from avalanche.checkpointing import save_checkpoint
-
-    target = Path(fname)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(descriptor)
-    try:
-        save_checkpoint(strategy, temporary, exclude=exclude)
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+__all__ = ["optimizer_as_data", "optimizer_from_data"]
 
 
 def optimizer_as_data(state: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:

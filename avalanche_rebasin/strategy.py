@@ -2,16 +2,22 @@
 
 Built the way Avalanche builds EWC or LwF (template + plugin). The method itself lives in
 :mod:`avalanche_rebasin.continual` (torch only); :mod:`avalanche_rebasin.plugin` adapts it.
+Also :func:`atomic_save_checkpoint`: Avalanche's ``save_checkpoint`` written to a temporary
+file beside the target and moved over it (a kill mid-save keeps the previous checkpoint).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Collection, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from avalanche.checkpointing import save_checkpoint
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
@@ -26,7 +32,14 @@ from .plugin import RebasinPlugin, arrange_plugins
 from .plugin_compat import check_plugins
 from .spec import PermutationSpec
 
-__all__ = ["PRESETS", "ExperienceReport", "RebasinConfig", "RebasinPlugin", "RebasinStrategy"]
+__all__ = [
+    "PRESETS",
+    "ExperienceReport",
+    "RebasinConfig",
+    "RebasinPlugin",
+    "RebasinStrategy",
+    "atomic_save_checkpoint",
+]
 
 
 def check_template_arguments(kwargs: dict[str, Any]) -> None:
@@ -130,6 +143,27 @@ class RebasinStrategy(SupervisedTemplate):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(optimizer_from_data(state, state["model"]))
+
+
+def atomic_save_checkpoint(
+    strategy: Any, fname: str | os.PathLike[str], exclude: Collection[str] | None = None
+) -> None:
+    """``avalanche.checkpointing.save_checkpoint(strategy, fname, exclude)``, atomically: the
+    file at ``fname`` is the previous checkpoint or the new one, never a part of either.
+
+    Use it where you would call Avalanche's, e.g. after every ``strategy.train(exp)``; load
+    with Avalanche's ``maybe_load_checkpoint`` as usual."""
+    target = Path(fname)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(descriptor)
+    try:
+        save_checkpoint(strategy, temporary, exclude=exclude)
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def _declare_config_keywords(cls: type) -> None:
