@@ -114,7 +114,7 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         with torch.random.fork_rng(devices=[]):  # reading a sample may draw (RandomRotation): not from yours
             _discover_spec(self, strategy, model)  # refuses an unsupported model before training
         self._alphas = tensor_alphas(model_state(model), self.alpha, self.layer_alpha, tensor_aliases(model))
-        start = ExperienceSnapshot.take(strategy, model)
+        start = ExperienceSnapshot.take(model)
         self._snapshot = (start, self._experiences, len(self.reports))
         self._previous = start.state if self._experiences else None  # read only: shared with the snapshot
         if self._previous is not None and self.restart > 0:

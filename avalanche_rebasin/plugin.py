@@ -122,7 +122,7 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignor
             model = DistributedHelper.unwrap_model(strategy.model)
             check_trainable(model, f"RebasinPlugin: the model before task {self.trained_tasks}")
             self._snapshot = _TaskSnapshot(
-                ExperienceSnapshot.take(strategy, model),
+                ExperienceSnapshot.take(model),
                 self.trained_tasks,
                 len(self.reports),
                 self._subexps_seen,

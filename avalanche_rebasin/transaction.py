@@ -53,7 +53,7 @@ class ExperienceSnapshot:
     state: dict[str, Tensor]
 
     @classmethod
-    def take(cls, strategy: Any, module: nn.Module) -> ExperienceSnapshot:
+    def take(cls, module: nn.Module) -> ExperienceSnapshot:
         return cls(module, {k: v.detach().clone() for k, v in model_state(module).items()})
 
     def restore(self) -> None:
