@@ -1,42 +1,53 @@
 """Re-basin via implicit Sinkhorn differentiation, for PyTorch and Avalanche.
 
-The core does not depend on Avalanche. ``RebasinStrategy`` and ``RebasinPlugin`` (the
-Avalanche adapter, :mod:`avalanche_rebasin.strategy`) are imported from here on first use,
-so ``import avalanche_rebasin`` alone does not import Avalanche.
+The package has four parts, each a folder, each importing only the ones before it:
+
+* :mod:`~avalanche_rebasin.core`: the Sinkhorn operator, permutation specs, states and costs;
+* :mod:`~avalanche_rebasin.discovery`: which tensors share a permutation, by tracing;
+* :mod:`~avalanche_rebasin.alignment`: aligning two models, and linear mode connectivity;
+* :mod:`~avalanche_rebasin.continual`: the continual-learning methods, torch only;
+* :mod:`~avalanche_rebasin.avalanche`: their Avalanche strategies and plugins.
+
+The Avalanche adapter's names (``RebasinStrategy``, ``RebasinPlugin``, …) are imported on
+first use, so ``import avalanche_rebasin`` alone does not import Avalanche.
 """
 
 from typing import Any
 
-from .align import AlignResult, PermutationLogits, align
-from .continual import ExperienceReport, RebasinNetwork
-from .continual_config import PRESETS, RebasinConfig
-from .costs import (
+from . import _moved
+from .alignment import (
+    AlignResult,
+    LMCCurve,
+    activation_matching,
+    align,
+    barrier_and_auc,
+    interpolate,
+    lmc_curve,
+    reestimate_batchnorm,
+    straight_through,
+    weight_matching,
+)
+from .continual import PRESETS, ExperienceReport, RebasinConfig, RebasinNetwork
+from .core import (
+    AxisPermutation,
     CosineCost,
     L1Cost,
     L2Cost,
     MidpointCost,
+    PermutationSpec,
     RandomPointCost,
-    continual_cost,
-    functional_loss,
-    interpolate_state,
-)
-from .discovery import UnsupportedOperationError, discover_spec, register_rule
-from .grouped_optimizer import GroupedOptimizer
-from .lmc import LMCCurve, barrier_and_auc, interpolate, lmc_curve, reestimate_batchnorm
-from .matching import activation_matching, straight_through, weight_matching
-from .permute import (
+    Sinkhorn,
+    SinkhornOutput,
+    hard_permutation,
     identity_permutation,
     invert_permutation,
-    model_state,
     permute,
     permute_state,
     random_permutation,
-    soft_permute_state,
 )
-from .sinkhorn import Sinkhorn, SinkhornOutput, hard_permutation, marginal_error, permutation_matrix
-from .spec import AxisPermutation, PermutationSpec
+from .discovery import UnsupportedOperationError, discover_spec, register_rule
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "PRESETS",
@@ -44,13 +55,11 @@ __all__ = [
     "AxisPermutation",
     "CosineCost",
     "ExperienceReport",
-    "GroupedOptimizer",
     "InterpolationStrategy",
     "L1Cost",
     "L2Cost",
     "LMCCurve",
     "MidpointCost",
-    "PermutationLogits",
     "PermutationSpec",
     "RandomPointCost",
     "RebasinConfig",
@@ -65,42 +74,38 @@ __all__ = [
     "align",
     "atomic_save_checkpoint",
     "barrier_and_auc",
-    "continual_cost",
     "discover_spec",
-    "functional_loss",
     "hard_permutation",
     "identity_permutation",
     "interpolate",
-    "interpolate_state",
     "invert_permutation",
     "lmc_curve",
-    "marginal_error",
-    "model_state",
-    "permutation_matrix",
     "permute",
     "permute_state",
     "random_permutation",
     "reestimate_batchnorm",
     "register_rule",
-    "soft_permute_state",
     "straight_through",
     "weight_matching",
 ]
 
-
-_AVALANCHE_EXPORTS = {
-    "RebasinStrategy": "strategy",
-    "RebasinPlugin": "plugin",
-    "atomic_save_checkpoint": "strategy",
-    "InterpolationStrategy": "interpolation_plugin",
-    "WeightInterpolationPlugin": "interpolation_plugin",
+_AVALANCHE_NAMES = {
+    "InterpolationStrategy",
+    "RebasinPlugin",
+    "RebasinStrategy",
+    "WeightInterpolationPlugin",
+    "atomic_save_checkpoint",
 }
+
+_moved.install()
 
 
 def __getattr__(name: str) -> Any:
     """Import the Avalanche adapter only when it is asked for."""
-    if name in _AVALANCHE_EXPORTS:
-        import importlib
+    if name in _AVALANCHE_NAMES:
+        from . import avalanche
 
-        return getattr(importlib.import_module(f".{_AVALANCHE_EXPORTS[name]}", __name__), name)
+        return getattr(avalanche, name)
+    if name in _moved.MOVED_NAMES:
+        return _moved.moved_name(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,7 +26,11 @@ from avalanche.benchmarks.utils import DefaultTransformGroups, _make_taskaware_c
 from avalanche.benchmarks.utils.data import make_avalanche_dataset
 from torchvision import transforms
 
-from avalanche_rebasin.datasets import DEBIAN_FASHION_MNIST, prepare_embedded_mnist, prepare_fashion_mnist
+from avalanche_rebasin_experiments.datasets import (
+    DEBIAN_FASHION_MNIST,
+    prepare_embedded_mnist,
+    prepare_fashion_mnist,
+)
 
 __all__ = ["BENCHMARKS", "BenchmarkEntry", "Problem", "rotated_fashion_mnist"]
 
@@ -71,7 +75,7 @@ def mnist_root(args: argparse.Namespace) -> Path:
 
 def _held_out_copy(raw: Path, root: Path, folder: str) -> Path:
     """``root`` holding a validation split (last 10 % per class) of the idx files in ``raw``."""
-    from avalanche_rebasin.datasets import (
+    from avalanche_rebasin_experiments.datasets import (
         IDX_NAMES,
         VALIDATION_FRACTION,
         held_out_split,

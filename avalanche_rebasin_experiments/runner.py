@@ -21,8 +21,8 @@ from avalanche.training import JointTraining
 from avalanche.training.plugins import EvaluationPlugin
 from tqdm.auto import tqdm
 
-from avalanche_rebasin.interpolation_plugin import InterpolationStrategy
-from avalanche_rebasin.strategy import RebasinStrategy
+from avalanche_rebasin.avalanche.interpolation_plugin import InterpolationStrategy
+from avalanche_rebasin.avalanche.strategy import RebasinStrategy
 
 from .benchmarks import BENCHMARKS
 from .strategies import build

@@ -23,9 +23,9 @@ from avalanche.training.storage_policy import ExperienceBalancedBuffer
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
-from avalanche_rebasin.continual_config import PRESETS, RebasinConfig
-from avalanche_rebasin.interpolation_plugin import InterpolationStrategy
-from avalanche_rebasin.strategy import RebasinStrategy
+from avalanche_rebasin.avalanche.interpolation_plugin import InterpolationStrategy
+from avalanche_rebasin.avalanche.strategy import RebasinStrategy
+from avalanche_rebasin.continual.config import PRESETS, RebasinConfig
 
 from .benchmarks import BENCHMARKS
 

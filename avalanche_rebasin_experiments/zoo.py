@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from avalanche_rebasin import discover_spec
+
 __all__ = ["FAST", "ZOO", "ZooEntry", "ZooResult", "check_entry", "flat_outputs"]
 
 
@@ -436,7 +438,7 @@ def check_entry(entry: ZooEntry, tolerance: float = 1e-6) -> ZooResult:
     ``tolerance`` is relative to the output's scale, in float64: some models compute parts
     in float32 whatever their dtype (Llama's RMSNorm), which leaves ~1e-7 of round-off; a
     wrong permutation of sensitised weights changes outputs by order one."""
-    from avalanche_rebasin import PermutationSpec, permute, random_permutation
+    from avalanche_rebasin import permute, random_permutation
     from avalanche_rebasin.discovery import UnsupportedOperationError
 
     torch.manual_seed(0)
@@ -450,7 +452,7 @@ def check_entry(entry: ZooEntry, tolerance: float = 1e-6) -> ZooResult:
     before, rng = _state_snapshot(model), torch.get_rng_state()
     start = time.perf_counter()
     try:
-        spec = PermutationSpec.from_model(model, example)
+        spec = discover_spec(model, example)
     except UnsupportedOperationError as error:
         return ZooResult(
             entry.name, entry.family, "refused", seconds=time.perf_counter() - start, reason=str(error)

@@ -23,15 +23,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from avalanche_rebasin import (
-    PermutationSpec,
     align,
+    discover_spec,
     invert_permutation,
-    model_state,
     permute,
     random_permutation,
 )
-from avalanche_rebasin.matching import weight_matching_state
-from avalanche_rebasin.sinkhorn import permutation_matrix
+from avalanche_rebasin.alignment.matching import weight_matching_state
+from avalanche_rebasin.core.sinkhorn import permutation_matrix
+from avalanche_rebasin.core.state import model_state
 
 
 def l1_distance(found: dict[str, torch.Tensor], truth: dict[str, torch.Tensor]) -> float:
@@ -62,7 +62,7 @@ def _stop_when_solved(truth: dict[str, torch.Tensor]):
 
 
 def run_case(name: str, model: nn.Module, example: torch.Tensor, n_perms: int, steps: int, lr: float) -> dict:
-    spec = PermutationSpec.from_model(model, example)
+    spec = discover_spec(model, example)
     theta_a = model_state(model)
     params = {n for n, _ in model.named_parameters()}
     keys = [k for k in spec.axes if k in params]

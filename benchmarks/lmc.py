@@ -7,11 +7,11 @@
 For each data set and architecture two models are trained from different seeds; model
 B is aligned to A by each method and the test loss / accuracy are measured along
 ``(1−λ)θ_A + λπ(θ_B)``. Reported: barrier (sup over λ of the gap to the straight line between the
-endpoints) and AUC (the integral of that gap; see ``avalanche_rebasin.lmc``) of both, for the CNN
+endpoints) and AUC (the integral of that gap; see ``avalanche_rebasin.alignment.lmc``) of both, for the CNN
 also with BatchNorm statistics re-estimated at every λ. Methods: naive (no alignment),
 weight matching (WM), activation matching (AM), straight-through estimator (STE),
 Sinkhorn with C_L2, C_Mid and C_Rnd; for the ViT (torchvision ``VisionTransformer``, permutations
-of heads, q/k and v dimensions, MLP units and the residual stream found by ``from_model``) naive,
+of heads, q/k and v dimensions, MLP units and the residual stream found by ``discover_spec``) naive,
 WM, C_L2 and C_Mid. Every permutation used is checked to leave the model's function unchanged.
 """
 
@@ -30,8 +30,16 @@ from torch import nn
 from torchvision.models import VisionTransformer
 from tqdm.auto import tqdm
 
-from avalanche_rebasin import PermutationSpec, align, lmc_curve, permute, random_permutation, weight_matching
-from avalanche_rebasin.matching import activation_matching, straight_through
+from avalanche_rebasin import (
+    PermutationSpec,
+    align,
+    discover_spec,
+    lmc_curve,
+    permute,
+    random_permutation,
+    weight_matching,
+)
+from avalanche_rebasin.alignment.matching import activation_matching, straight_through
 
 
 class SmallCNN(nn.Module):
@@ -166,7 +174,7 @@ def evaluate_pair(data_name, arch, model_a, model_b, batches, test, args, record
         with torch.no_grad():
             return float((m(xte).argmax(1) == yte).float().mean())
 
-    spec = PermutationSpec.from_model(model_a, xte[:2])
+    spec = discover_spec(model_a, xte[:2])
     shuffle = random_permutation(spec, torch.Generator().manual_seed(0))
     assert_preserves_function(model_a, spec, shuffle, xte[:64])
     bn_options = [False, True] if arch == "cnn" else [False]

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from avalanche_rebasin import PermutationSpec, align, lmc_curve, permute, weight_matching
+from avalanche_rebasin import align, discover_spec, lmc_curve, permute, weight_matching
 
 SEQ = 64
 
@@ -117,7 +117,7 @@ def run(arch: str, steps: int, align_steps: int, points: int) -> dict:
     model_a = train(build(arch, 1), train_batches, steps, loss_fn)
     model_b = train(build(arch, 2), train_batches, steps, loss_fn)
     example = test_batches[0][0]
-    spec = PermutationSpec.from_model(model_a, example)
+    spec = discover_spec(model_a, example)
 
     def test_loss(model: nn.Module) -> float:
         with torch.no_grad():

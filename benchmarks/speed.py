@@ -23,15 +23,15 @@ import torchvision
 from common import markdown_table, mlp, timed, vgg11_bn_small, write_json
 
 from avalanche_rebasin import (
-    PermutationSpec,
     align,
+    discover_spec,
     invert_permutation,
-    model_state,
     permute,
     random_permutation,
 )
-from avalanche_rebasin.matching import weight_matching_state
-from avalanche_rebasin.sinkhorn import sinkhorn
+from avalanche_rebasin.alignment.matching import weight_matching_state
+from avalanche_rebasin.core.sinkhorn import sinkhorn
+from avalanche_rebasin.core.state import model_state
 
 MODES = {
     "implicit-full": dict(backward="implicit", linear_solver="full"),
@@ -81,7 +81,7 @@ def sinkhorn_case(n: int, iters: int, mode: str, repeats: int) -> dict:
 
 
 def model_case(name: str, model, example, steps: int) -> dict:
-    spec = PermutationSpec.from_model(model, example)
+    spec = discover_spec(model, example)
     perms = random_permutation(spec, torch.Generator().manual_seed(0))
     truth = invert_permutation(perms)
     model_b = permute(model, spec, perms)

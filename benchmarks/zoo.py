@@ -5,7 +5,7 @@
     python benchmarks/zoo.py --cost          # full-size ViT-B/16 and a 12-layer Llama -> results/zoo/cost.*
 
 Each model is built with random initialisation from a tiny configuration (no download),
-its spec discovered with ``PermutationSpec.from_model`` (verification on), a random
+its spec discovered with ``discover_spec`` (verification on), a random
 permutation applied and the outputs compared with the original in eval and train mode,
 in float64 (see ``avalanche_rebasin_experiments.zoo``). Writes ``zoo.json``, ``zoo.csv``
 and ``zoo.md`` (one row per model: verdict, groups, units, discovery seconds, change).
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from avalanche_rebasin import discover_spec
 from avalanche_rebasin_experiments.zoo import ZOO, check_entry
 
 
@@ -59,14 +60,14 @@ def _full_size() -> list[tuple[str, Callable[[], nn.Module], Callable[[], object
 
 def cost(out: Path) -> None:
     """Discovery with verification and weight matching on full-size models, one thread."""
-    from avalanche_rebasin import PermutationSpec, permute, random_permutation, weight_matching
+    from avalanche_rebasin import permute, random_permutation, weight_matching
 
     rows = []
     for name, build, example in _full_size():
         torch.manual_seed(0)
         model = build().eval()
         start = time.perf_counter()
-        spec = PermutationSpec.from_model(model, example())
+        spec = discover_spec(model, example())
         discovery = time.perf_counter() - start
         hidden = permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(1)))
         start = time.perf_counter()

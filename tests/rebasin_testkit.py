@@ -6,6 +6,8 @@ import torch
 import torchvision
 from torch import nn
 
+from avalanche_rebasin import discover_spec
+
 
 def mlp(
     hidden_layers: int = 2, width: int = 32, in_features: int = 20, out_features: int = 5, bias: bool = True
@@ -140,7 +142,7 @@ def train_mlp(seed: int, x: torch.Tensor, y: torch.Tensor, width: int = 64, epoc
 def _outputs(model: nn.Module, x, train: bool) -> list[torch.Tensor]:
     """Output tensors in train or eval mode; dropout off (its masks are only equivariant in
     distribution), BatchNorm on batch statistics in train mode."""
-    from avalanche_rebasin.reachable import reachable_tensors
+    from avalanche_rebasin.discovery.reachable import reachable_tensors
 
     model.train(train)
     for module in model.modules():
@@ -154,10 +156,10 @@ def _outputs(model: nn.Module, x, train: bool) -> list[torch.Tensor]:
 def assert_function_preserved(model: nn.Module, x, spec=None, seed: int = 0, atol: float = 1e-5):
     """Discover (or take) a spec, permute ``model`` at random and compare the outputs in eval and
     in train mode (max |Δ| ≤ ``atol``); the model's state must be untouched. Returns the spec."""
-    from avalanche_rebasin import PermutationSpec, permute, random_permutation
+    from avalanche_rebasin import permute, random_permutation
 
     before = state_copy(model)
-    spec = spec if spec is not None else PermutationSpec.from_model(model, x)
+    spec = spec if spec is not None else discover_spec(model, x)
     assert_state_equal(model, before)
     perms = random_permutation(spec, torch.Generator().manual_seed(seed))
     assert not spec.groups or any(not torch.equal(p, torch.arange(len(p))) for p in perms.values())
@@ -173,9 +175,9 @@ def assert_function_preserved(model: nn.Module, x, spec=None, seed: int = 0, ato
 
 def assert_recovered(model: nn.Module, x, method: str, seed: int = 0, **kwargs) -> None:
     """A random permutation of ``model`` is undone exactly by ``weight_matching`` or ``align``."""
-    from avalanche_rebasin import PermutationSpec, align, permute, random_permutation, weight_matching
+    from avalanche_rebasin import align, permute, random_permutation, weight_matching
 
-    spec = PermutationSpec.from_model(model, x)
+    spec = discover_spec(model, x)
     permuted = permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(seed)))
     if method == "weight_matching":
         recovered = permute(permuted, spec, weight_matching(model, permuted, spec=spec, **kwargs))

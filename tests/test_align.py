@@ -5,8 +5,8 @@ from rebasin_testkit import assert_state_equal, mlp, randomize_batchnorm, state_
 from torch import nn
 
 from avalanche_rebasin import (
-    PermutationSpec,
     align,
+    discover_spec,
     invert_permutation,
     permute,
     random_permutation,
@@ -15,7 +15,7 @@ from avalanche_rebasin import (
 
 
 def _recovers(model: nn.Module, x: torch.Tensor, seed: int, **kwargs) -> None:
-    spec = PermutationSpec.from_model(model, x)
+    spec = discover_spec(model, x)
     perms = random_permutation(spec, torch.Generator().manual_seed(seed))
     model_b = permute(model, spec, perms)
     before_a, before_b = state_copy(model), state_copy(model_b)

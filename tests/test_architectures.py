@@ -11,7 +11,7 @@ import torchvision
 from rebasin_testkit import assert_function_preserved, assert_recovered
 from torch import nn
 
-from avalanche_rebasin import PermutationSpec, permute, random_permutation
+from avalanche_rebasin import discover_spec, permute, random_permutation
 
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
 
@@ -157,7 +157,7 @@ def test_sinkhorn_l2_alignment_recovers_a_random_permutation(name):
 
 
 def test_concatenation_is_one_segment_per_branch():
-    spec = PermutationSpec.from_model(Inception(), torch.randn(2, 2, 8, 8))
+    spec = discover_spec(Inception(), torch.randn(2, 2, 8, 8))
     parts = spec.axes["down.weight"][1]
     assert [(p.group, p.offset) for p in parts] == [("b1", 0), ("b3.2", 4), ("pool_proj", 9)]
     head = spec.axes["head.weight"][1]
@@ -165,13 +165,13 @@ def test_concatenation_is_one_segment_per_branch():
 
 
 def test_groupnorm_keeps_units_inside_their_groups():
-    spec = PermutationSpec.from_model(GroupNormNet(), torch.randn(2, 3, 6, 6))
+    spec = discover_spec(GroupNormNet(), torch.randn(2, 3, 6, 6))
     stream = spec.axes["conv1.weight"][0].group
     assert spec.blocks(stream) == 4  # 2 and 4 groups of channels: blocks of 4 refine both
     assert spec.axes["conv3.weight"][0].group == "conv3" and spec.blocks("conv3") == 1
     torch.manual_seed(0)
     resnet = torchvision.models.resnet18(num_classes=10, norm_layer=lambda c: nn.GroupNorm(4, c))
-    spec = PermutationSpec.from_model(resnet, torch.randn(2, 3, 32, 32))
+    spec = discover_spec(resnet, torch.randn(2, 3, 32, 32))
     group = spec.axes["layer1.0.conv1.weight"][0].group
     assert spec.blocks(group) == 4
     index = random_permutation(spec, torch.Generator().manual_seed(0))[group]
@@ -182,7 +182,7 @@ def test_groupnorm_keeps_units_inside_their_groups():
 
 def test_multihead_attention_permutes_heads_and_dimensions_within_heads():
     model = _vit()
-    spec = PermutationSpec.from_model(model, torch.randn(2, 3, 28, 28))
+    spec = discover_spec(model, torch.randn(2, 3, 28, 28))
     prefix = "encoder.layers.encoder_layer_0.self_attention."
     rows = spec.axes[prefix + "in_proj_weight"][0]
     groups = [(p.group.removeprefix(prefix), p.inner, p.offset) for p in rows]
@@ -201,7 +201,7 @@ def test_multihead_attention_permutes_heads_and_dimensions_within_heads():
 
 def test_lstm_gates_and_directions_share_the_hidden_units():
     model = RecurrentClassifier(nn.LSTM, True)
-    spec = PermutationSpec.from_model(model, torch.randn(2, 7, 5))
+    spec = discover_spec(model, torch.randn(2, 7, 5))
     rows = spec.axes["rnn.weight_ih_l0"][0]
     assert (rows.group, rows.outer) == ("rnn.l0", 4)
     assert spec.axes["rnn.weight_hh_l0_reverse"][1].group == "rnn.l0_reverse"
@@ -235,7 +235,7 @@ def test_conv_transpose_anywhere():
 def test_compiled_model_is_traced_through_its_original_module():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     compiled = torch.compile(model)
-    spec = PermutationSpec.from_model(compiled, torch.randn(2, 4))
+    spec = discover_spec(compiled, torch.randn(2, 4))
     assert spec.axes["_orig_mod.0.weight"][0].group == "0"
     permuted = permute(compiled, spec, random_permutation(spec, torch.Generator().manual_seed(0)))
     x = torch.randn(3, 4)

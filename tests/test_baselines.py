@@ -4,8 +4,8 @@ import pytest
 import torch
 from rebasin_testkit import assert_state_equal, state_copy, teacher_task, train_mlp
 
-from avalanche_rebasin import PermutationSpec, lmc_curve, permute
-from avalanche_rebasin.matching import activation_matching, straight_through
+from avalanche_rebasin import discover_spec, lmc_curve, permute
+from avalanche_rebasin.alignment.matching import activation_matching, straight_through
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def _barrier(model_a, model_b, test):
 @pytest.mark.parametrize("method", ["activation", "straight_through"])
 def test_baseline_returns_permutations_that_lower_the_barrier(trained_pair, method):
     model_a, model_b, (x, y), test = trained_pair
-    spec = PermutationSpec.from_model(model_a, x[:2])
+    spec = discover_spec(model_a, x[:2])
     batches = list(zip(x.split(250), y.split(250)))
     before_a, before_b = state_copy(model_a), state_copy(model_b)
     if method == "activation":

@@ -434,7 +434,7 @@ def test_each_run_records_versions_commit_and_arguments(tmp_path):
 
 
 def test_embedded_validation_split_is_disjoint_from_the_test_digits(tmp_path):
-    from avalanche_rebasin.datasets import prepare_embedded_mnist, read_idx
+    from avalanche_rebasin_experiments.datasets import prepare_embedded_mnist, read_idx
 
     test_root = prepare_embedded_mnist(tmp_path / "test")
     valid_root = prepare_embedded_mnist(tmp_path / "valid", validation=True)

@@ -4,16 +4,16 @@ import pytest
 import torch
 from rebasin_testkit import mlp
 
-from avalanche_rebasin import PermutationSpec, align, permute, random_permutation
-from avalanche_rebasin._convergence import Convergence, ZeroCost, greedy_permutations
-from avalanche_rebasin.blocks import blocked_hard_permutation
-from avalanche_rebasin.costs import L2Cost
+from avalanche_rebasin import align, discover_spec, permute, random_permutation
+from avalanche_rebasin.alignment.convergence import Convergence, ZeroCost, greedy_permutations
+from avalanche_rebasin.core.blocks import blocked_hard_permutation
+from avalanche_rebasin.core.costs import L2Cost
 
 
 def _permuted_pair(hidden_layers: int = 4, width: int = 10):
     torch.manual_seed(0)
     model, x = mlp(hidden_layers, width=width), torch.randn(2, 20)
-    spec = PermutationSpec.from_model(model, x)
+    spec = discover_spec(model, x)
     return model, permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(1))), spec
 
 

@@ -6,14 +6,12 @@ from avalanche_rebasin import (
     L1Cost,
     L2Cost,
     MidpointCost,
-    PermutationSpec,
-    continual_cost,
-    functional_loss,
-    interpolate_state,
-    model_state,
+    discover_spec,
     permute_state,
     random_permutation,
 )
+from avalanche_rebasin.core.costs import continual_cost
+from avalanche_rebasin.core.state import functional_loss, interpolate_state, model_state
 
 
 def test_weight_costs_vanish_on_identical_states_and_are_positive_otherwise():
@@ -40,7 +38,7 @@ def test_continual_cost_matches_its_formula_and_leaves_model_alone():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randn(16, 20), torch.randint(0, 5, (16,))
     theta = model_state(model)
-    spec = PermutationSpec.from_model(model, x)
+    spec = discover_spec(model, x)
     permuted = permute_state(theta, spec, random_permutation(spec, torch.Generator().manual_seed(0)))
     delta = {k: 0.01 * torch.randn_like(v) for k, v in theta.items()}
     beta = 0.3
@@ -54,7 +52,7 @@ def test_continual_cost_matches_its_formula_and_leaves_model_alone():
 
 
 def test_interpolate_state_is_lerp_for_finite_states_and_keeps_masks_where_one_tensor_is_infinite():
-    from avalanche_rebasin.costs import all_finite
+    from avalanche_rebasin.core.state import all_finite
 
     inf = float("inf")
     a = {"w": torch.randn(3, 4), "mask": torch.tensor([0.0, -inf]), "count": torch.tensor(5)}

@@ -7,6 +7,7 @@ from torch import nn
 from avalanche_rebasin import (
     PermutationSpec,
     UnsupportedOperationError,
+    discover_spec,
     permute,
     random_permutation,
 )
@@ -14,7 +15,7 @@ from avalanche_rebasin import (
 
 def test_resnet18_residual_streams_share_one_group():
     model = torchvision.models.resnet18(num_classes=10)
-    spec = PermutationSpec.from_model(model, torch.randn(1, 3, 32, 32))
+    spec = discover_spec(model, torch.randn(1, 3, 32, 32))
     stream = spec.axes["conv1.weight"][0].group
     # the stem, the first stage's block outputs and their BatchNorms all share one permutation
     for name in ["bn1.weight", "layer1.0.bn2.running_mean", "layer1.1.conv2.weight"]:
@@ -32,11 +33,11 @@ def test_resnet18_residual_streams_share_one_group():
 
 def test_flatten_between_conv_and_linear_permutes_blocks():
     model = torchvision.models.vgg11_bn(num_classes=10)
-    spec = PermutationSpec.from_model(model, torch.randn(1, 3, 32, 32))
+    spec = discover_spec(model, torch.randn(1, 3, 32, 32))
     entry = spec.axes["classifier.0.weight"][1]
     assert entry.group == spec.axes["features.25.weight"][0].group
     assert entry.inner == 7 * 7
-    cnn_spec = PermutationSpec.from_model(SmallCNN(), torch.randn(1, 1, 16, 16))
+    cnn_spec = discover_spec(SmallCNN(), torch.randn(1, 1, 16, 16))
     assert cnn_spec.axes["fc.weight"][1].inner == 16
 
 
@@ -55,7 +56,7 @@ def test_functional_ops_are_followed():
             return self.c(torch.flatten(h.unsqueeze(-1), 1))
 
     model = Functional()
-    spec = PermutationSpec.from_model(model, torch.randn(3, 6))
+    spec = discover_spec(model, torch.randn(3, 6))
     assert len(spec) == 1
     group = spec.groups[0]
     assert spec.axes["b.weight"][0].group == group and spec.axes["scale"][0].group == group
@@ -76,7 +77,7 @@ class _Cumsum(nn.Module):
 
 def test_unsupported_op_raises_with_module_and_remedy():
     with pytest.raises(UnsupportedOperationError) as info:
-        PermutationSpec.from_model(_Cumsum(), torch.randn(2, 5))
+        discover_spec(_Cumsum(), torch.randn(2, 5))
     message = str(info.value)
     assert "cumsum" in message and "unsupported='freeze'" in message and "from_groups" in message
 
@@ -92,15 +93,15 @@ def test_unsupported_layer_names_the_module():
             return self.patches(self.conv(x))
 
     with pytest.raises(UnsupportedOperationError, match=r"`unfold`.*'patches' \(Unfold\)"):
-        PermutationSpec.from_model(WithPatches(), torch.randn(2, 3, 6, 6))
+        discover_spec(WithPatches(), torch.randn(2, 3, 6, 6))
 
 
 def test_freeze_policy_is_function_preserving():
     model = _Cumsum()
-    spec = PermutationSpec.from_model(model, torch.randn(2, 5), unsupported="freeze")
+    spec = discover_spec(model, torch.randn(2, 5), unsupported="freeze")
     assert len(spec) == 0  # the only hidden group reaches cumsum, so it stays identity
     two = nn.Sequential(nn.Linear(5, 5), nn.ReLU(), _Cumsum())
-    spec2 = PermutationSpec.from_model(two, torch.randn(2, 5), unsupported="freeze")
+    spec2 = discover_spec(two, torch.randn(2, 5), unsupported="freeze")
     assert spec2.groups == ["0"]
     x = torch.randn(3, 5)
     permuted = permute(two, spec2, random_permutation(spec2, torch.Generator().manual_seed(0)))
@@ -117,7 +118,7 @@ def test_concat_along_features_permutes_each_segment_by_its_own_group():
             return self.c(torch.cat([self.a(x), x, self.b(x)], dim=1))  # the input stays put
 
     model = Cat()
-    spec = PermutationSpec.from_model(model, torch.randn(2, 3))
+    spec = discover_spec(model, torch.randn(2, 3))
     parts = spec.axes["c.weight"][1]
     assert [(p.group, p.offset) for p in parts] == [("a", 0), ("b", 7)]
     x = torch.randn(6, 3)
@@ -135,7 +136,7 @@ def test_manual_spec_and_amendment():
         },
         shapes,
     )
-    auto = PermutationSpec.from_model(model, torch.randn(1, 20))
+    auto = discover_spec(model, torch.randn(1, 20))
     assert sorted(manual.group_sizes.values()) == sorted(auto.group_sizes.values())
     x = torch.randn(4, 20)
     permuted = permute(model, manual, random_permutation(manual, torch.Generator().manual_seed(0)))
@@ -150,7 +151,7 @@ def test_manual_spec_and_amendment():
 
 
 def test_spec_of_other_architecture_is_rejected():
-    spec = PermutationSpec.from_model(mlp(2, width=8), torch.randn(1, 20))
+    spec = discover_spec(mlp(2, width=8), torch.randn(1, 20))
     with pytest.raises(ValueError, match=r"another architecture|different architecture"):
         permute(mlp(2, width=9), spec, random_permutation(spec))
 
@@ -168,7 +169,7 @@ def test_tensor_properties_and_setitem_are_followed():
             return out
 
     model = Props()
-    spec = PermutationSpec.from_model(model, torch.randn(3, 4))
+    spec = discover_spec(model, torch.randn(3, 4))
     assert spec.groups == ["fc1"]
     x = torch.randn(5, 4)
     permuted = permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(0)))

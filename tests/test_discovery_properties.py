@@ -1,6 +1,6 @@
 """Property test of permutation discovery on random small architectures (hypothesis).
 
-The promise under test: for any model, ``PermutationSpec.from_model`` either returns a
+The promise under test: for any model, ``discover_spec`` either returns a
 spec under which every permutation preserves the function (to 1e-5 in float32, in eval
 and in train mode, dropout disabled, BatchNorm on batch statistics), or refuses with a
 clear error; and discovery leaves the model bit-identical. On a refusal, the documented
@@ -36,7 +36,13 @@ from hypothesis import HealthCheck, currently_in_test_context, event, given, see
 from hypothesis import strategies as st
 from torch import nn
 
-from avalanche_rebasin import PermutationSpec, UnsupportedOperationError, permute, random_permutation
+from avalanche_rebasin import (
+    PermutationSpec,
+    UnsupportedOperationError,
+    discover_spec,
+    permute,
+    random_permutation,
+)
 
 BATCH = 3
 VOCAB = 7
@@ -1059,13 +1065,13 @@ def check_model(model: nn.Module, x: torch.Tensor, seed_: int = 0) -> str:
     before = snapshot(model)
     gen = torch.Generator().manual_seed(seed_)
     try:
-        spec = PermutationSpec.from_model(model, x)
+        spec = discover_spec(model, x)
     except (ValueError, TypeError, RuntimeError) as error:
         assert_unchanged(model, before)
         cause = f" (from {type(error.__cause__).__name__}: {error.__cause__})" if error.__cause__ else ""
         assert is_clear(error), f"unclear refusal: {type(error).__name__}: {error}{cause}"
         _event(f"refused: {str(error)[:70]}")
-        frozen = PermutationSpec.from_model(model, x, unsupported="freeze")
+        frozen = discover_spec(model, x, unsupported="freeze")
         assert_unchanged(model, before)
         delta = max_change(model, frozen, x, gen)
         assert delta <= TOL, f"unsupported='freeze' spec changes the function by {delta:.3g}"
@@ -1145,7 +1151,7 @@ def test_state_a_model_carries_between_calls_is_permuted_with_it():
     torch.manual_seed(0)
     model, x = CarriesState(), torch.randn(3, 4)
     check_model(model, x)
-    spec = PermutationSpec.from_model(model, x)
+    spec = discover_spec(model, x)
     permuted = permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(0)))
     for _ in range(3):  # the second and third calls read what the previous one stored
         assert (run(model, x, False)[0] - run(permuted, x, False)[0]).abs().max() <= TOL
@@ -1183,7 +1189,7 @@ class ScriptedSubmodule(TwoLayer):
 def test_torchscript_submodule_is_refused():
     torch.manual_seed(0)
     with pytest.raises((ValueError, TypeError, RuntimeError), match="from_groups"):
-        PermutationSpec.from_model(ScriptedSubmodule(), torch.randn(3, 4))
+        discover_spec(ScriptedSubmodule(), torch.randn(3, 4))
 
 
 # -- once silently wrong: ops hidden from the tracer, odd containers, hooks closing over the model --
@@ -1278,5 +1284,5 @@ def test_hooks_closing_over_the_model_leave_it_unchanged(kind):
     model = _closure_model(kind)
     before = snapshot(model)
     for policy in ("raise", "freeze"):
-        PermutationSpec.from_model(model, torch.randn(3, 4), unsupported=policy)
+        discover_spec(model, torch.randn(3, 4), unsupported=policy)
         assert_unchanged(model, before)

@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from rebasin_testkit import assert_function_preserved, assert_state_equal, state_copy
 from torch import nn
 
-from avalanche_rebasin import PermutationSpec, UnsupportedOperationError, permute, random_permutation
+from avalanche_rebasin import (
+    UnsupportedOperationError,
+    discover_spec,
+    permute,
+    random_permutation,
+)
 
 
 class TwoLayer(nn.Module):
@@ -105,7 +110,7 @@ def test_formerly_silent_wrong_answers_now_preserve_the_function(model):
 def test_outputs_inside_any_object_are_never_permuted():
     torch.manual_seed(0)
     model, x = NamespaceOutput(), torch.randn(3, 4)
-    spec = PermutationSpec.from_model(model, x)
+    spec = discover_spec(model, x)
     assert spec.groups == [] or "fc2" not in spec.groups
     permuted = permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(0)))
     a, b = model(x), permuted(x)
@@ -114,12 +119,12 @@ def test_outputs_inside_any_object_are_never_permuted():
 
 
 def test_tied_decoder_ties_both_axes_of_the_shared_weight():
-    spec = PermutationSpec.from_model(TiedAutoencoder(), torch.randn(3, 6))
+    spec = discover_spec(TiedAutoencoder(), torch.randn(3, 6))
     assert spec.axes["enc.weight"][0].group == "enc" and spec.axes["enc.weight"][1] is None
 
 
 def test_train_only_branch_joins_the_group_it_adds_to():
-    spec = PermutationSpec.from_model(TrainOnlyBranch(), torch.randn(3, 4))
+    spec = discover_spec(TrainOnlyBranch(), torch.randn(3, 4))
     assert spec.axes["aux.weight"][0].group == spec.axes["fc1.weight"][0].group
 
 
@@ -143,7 +148,7 @@ def test_discovery_never_runs_or_modifies_the_model():
     tokens = torch.randint(0, 10, (4,))
     before, rng = state_copy(model), torch.get_rng_state()
     model.train()
-    spec = PermutationSpec.from_model(model, tokens)
+    spec = discover_spec(model, tokens)
     assert_state_equal(model, before)
     assert torch.equal(torch.get_rng_state(), rng) and model.training
     assert spec.axes["embed.weight"][1].group == "embed"
@@ -157,11 +162,11 @@ def test_model_that_fails_in_train_mode_is_explained():
             return self.fc2(self.hidden(x))
 
     with pytest.raises(RuntimeError, match=r"train mode on example_input.*call model.eval\(\) first"):
-        PermutationSpec.from_model(EvalOnly(), torch.randn(3, 4))
+        discover_spec(EvalOnly(), torch.randn(3, 4))
 
 
 def test_model_without_parameters_has_an_empty_spec():
-    spec = PermutationSpec.from_model(
+    spec = discover_spec(
         nn.Sequential(nn.ReLU(), nn.BatchNorm1d(4, affine=False)), torch.randn(3, 4)
     )
     assert len(spec) == 0
@@ -176,7 +181,7 @@ def test_a_weight_computed_from_an_activation_is_refused():
     with pytest.raises(
         UnsupportedOperationError, match=r"two permuted axes|computed from a permuted activation"
     ):
-        PermutationSpec.from_model(HyperNet(), torch.randn(3, 4))
+        discover_spec(HyperNet(), torch.randn(3, 4))
 
 
 class ParameterAsInput(TwoLayer):
@@ -229,7 +234,7 @@ def test_a_module_that_is_not_deep_copyable_is_refused_not_written_into():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), Singleton(6, 3))
     before = state_copy(model)
     with pytest.raises(TypeError, match=r"shares '2.weight' with the original"):
-        PermutationSpec.from_model(model, torch.randn(3, 4))
+        discover_spec(model, torch.randn(3, 4))
     assert_state_equal(model, before)
 
 
@@ -238,7 +243,7 @@ def test_compiled_or_scripted_submodules_are_refused_by_name():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
     model[2] = torch.jit.script(model[2])
     with pytest.raises(UnsupportedOperationError, match=r"'2' is a TorchScript module"):
-        PermutationSpec.from_model(model, torch.randn(3, 4))
+        discover_spec(model, torch.randn(3, 4))
 
 
 def test_permute_refuses_a_copy_that_would_write_into_the_original():
@@ -247,7 +252,7 @@ def test_permute_refuses_a_copy_that_would_write_into_the_original():
             return self
 
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), Singleton(6, 3))
-    spec = PermutationSpec.from_model(
+    spec = discover_spec(
         nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), torch.randn(3, 4)
     )
     before = state_copy(model)

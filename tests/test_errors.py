@@ -5,7 +5,12 @@ import torch
 from rebasin_testkit import assert_state_equal, mlp, state_copy
 from torch import nn
 
-from avalanche_rebasin import PermutationSpec, UnsupportedOperationError, align, weight_matching
+from avalanche_rebasin import (
+    UnsupportedOperationError,
+    align,
+    discover_spec,
+    weight_matching,
+)
 
 
 def test_different_architectures_are_rejected():
@@ -45,7 +50,7 @@ def test_unsupported_layer_is_named():
             return self.pair(h, h)
 
     with pytest.raises(UnsupportedOperationError, match=r"bilinear.*module 'pair' \(Bilinear\)"):
-        PermutationSpec.from_model(Pair(), torch.randn(2, 3))
+        discover_spec(Pair(), torch.randn(2, 3))
 
 
 def test_missing_example_input_is_explained():

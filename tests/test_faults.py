@@ -16,10 +16,16 @@ from avalanche.training.plugins import ReplayPlugin, SupervisedPlugin
 from test_strategy import _benchmark, _evaluator, _strategy
 from torch import nn
 
-from avalanche_rebasin import align, atomic_save_checkpoint, random_permutation, weight_matching
-from avalanche_rebasin.interpolation_plugin import InterpolationStrategy
-from avalanche_rebasin.permute import permute
-from avalanche_rebasin.strategy import RebasinStrategy
+from avalanche_rebasin import (
+    align,
+    atomic_save_checkpoint,
+    discover_spec,
+    random_permutation,
+    weight_matching,
+)
+from avalanche_rebasin.avalanche.interpolation_plugin import InterpolationStrategy
+from avalanche_rebasin.avalanche.strategy import RebasinStrategy
+from avalanche_rebasin.core.permute import permute
 
 
 class Raise(SupervisedPlugin):
@@ -284,9 +290,8 @@ def test_align_solves_half_precision_models_in_float32():
     torch.manual_seed(0)
     model_a = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     x = torch.randn(32, 8)
-    from avalanche_rebasin import PermutationSpec
 
-    spec = PermutationSpec.from_model(model_a, x)
+    spec = discover_spec(model_a, x)
     model_b = permute(model_a, spec, random_permutation(spec, generator=torch.Generator().manual_seed(1)))
     settings = dict(spec=spec, init="identity", steps=30, patience=None, progress=False)
     for dtype in (torch.float16, torch.bfloat16):

@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from avalanche_rebasin import datasets
-from avalanche_rebasin_experiments import benchmarks, cli, reporting, runner
+from avalanche_rebasin_experiments import benchmarks, cli, datasets, reporting, runner
 
 BASE = ["--experiences", "3", "--epochs", "1"]
 SETTINGS = {"benchmark": "rotated-mnist", "model": "mlp1", "epochs": "1", "experiences": "3"}

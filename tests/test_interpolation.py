@@ -20,11 +20,12 @@ from avalanche.training.plugins import (
 from rebasin_testkit import SmallCNN
 from test_strategy import N_CLASSES, _benchmark, _evaluator
 
-from avalanche_rebasin import PermutationSpec, invert_permutation, model_state, permute, random_permutation
-from avalanche_rebasin.interpolation import ALIGNMENTS, alignment_permutations, interpolated_state
-from avalanche_rebasin.interpolation_plugin import InterpolationStrategy, WeightInterpolationPlugin
-from avalanche_rebasin.plugin import RebasinPlugin
-from avalanche_rebasin.restart import fresh_initialisation, restart_seed, restart_state
+from avalanche_rebasin import PermutationSpec, discover_spec, invert_permutation, permute, random_permutation
+from avalanche_rebasin.avalanche.interpolation_plugin import InterpolationStrategy, WeightInterpolationPlugin
+from avalanche_rebasin.avalanche.plugin import RebasinPlugin
+from avalanche_rebasin.continual.interpolation import ALIGNMENTS, alignment_permutations, interpolated_state
+from avalanche_rebasin.continual.restart import fresh_initialisation, restart_seed, restart_state
+from avalanche_rebasin.core.state import model_state
 
 
 class TrainedRecorder(SupervisedPlugin):
@@ -64,7 +65,7 @@ def test_every_alignment_commits_the_formula_with_a_function_preserving_permutat
     model = _mlp()
     strategy, recorder, committed, _ = _run(model, alignment=alignment, alpha=alpha, align_steps=20)
     (report,) = strategy.interpolation.reports
-    spec = PermutationSpec.from_model(model, torch.zeros(1, 1, 4, 4))
+    spec = discover_spec(model, torch.zeros(1, 1, 4, 4))
     old, trained = committed[0], recorder.trained[1]
     # recompute π: the alignment of the trained network to the previous weights, as the plugin did
     a, b = _mlp(), _mlp()
@@ -121,7 +122,7 @@ def test_batchnorm_is_reestimated_on_the_buffer_after_the_commit():
 
 
 def test_alignment_data_larger_than_align_samples_is_a_seeded_subset_of_the_whole_buffer(monkeypatch):
-    import avalanche_rebasin.interpolation_plugin as plugin_module
+    import avalanche_rebasin.avalanche.interpolation_plugin as plugin_module
 
     seen: list[torch.Tensor] = []
 
@@ -249,7 +250,7 @@ def test_alignment_undoes_a_hidden_permutation_so_interpolation_lands_on_the_old
     interpolated network a lower loss.)"""
     torch.manual_seed(0)
     old = _mlp()
-    spec = PermutationSpec.from_model(old, torch.zeros(1, 1, 4, 4))
+    spec = discover_spec(old, torch.zeros(1, 1, 4, 4))
     hidden = random_permutation(spec, torch.Generator().manual_seed(1))
     new = permute(old, spec, hidden)
     x = torch.randn(256, 1, 4, 4)

@@ -19,12 +19,13 @@ from test_interpolation import TrainedRecorder, _mlp, _run
 from test_strategy import N_CLASSES, _benchmark, _evaluator
 from torch import nn
 
-import avalanche_rebasin.interpolation_plugin as plugin_module
-from avalanche_rebasin import PermutationSpec, align, model_state
-from avalanche_rebasin.interpolation import alignment_permutations
-from avalanche_rebasin.interpolation_plugin import InterpolationStrategy
-from avalanche_rebasin.plugin_compat import AFTER_COMMIT
-from avalanche_rebasin.restart import restart_state
+import avalanche_rebasin.avalanche.interpolation_plugin as plugin_module
+from avalanche_rebasin import align, discover_spec
+from avalanche_rebasin.avalanche.compatibility import AFTER_COMMIT
+from avalanche_rebasin.avalanche.interpolation_plugin import InterpolationStrategy
+from avalanche_rebasin.continual.interpolation import alignment_permutations
+from avalanche_rebasin.continual.restart import restart_state
+from avalanche_rebasin.core.state import model_state
 
 
 def _strategy(model, plugins=(), **settings):
@@ -118,7 +119,7 @@ def test_a_mask_buffer_of_minus_infinity_survives_the_commit_and_the_restart(ali
 def test_align_accepts_a_mask_buffer_and_still_refuses_a_non_finite_weight():
     torch.manual_seed(0)
     a, b = Masked(), Masked()
-    spec = PermutationSpec.from_model(a, torch.zeros(1, 16))
+    spec = discover_spec(a, torch.zeros(1, 16))
     assert align(a, b, spec=spec, steps=3, progress=False).steps >= 0
     with torch.no_grad():
         b.fc1.weight[0, 0] = float("inf")
@@ -250,7 +251,7 @@ def test_a_frozen_batchnorm_keeps_its_statistics_through_commit_reestimation_and
 
 
 def test_tensor_alphas_take_the_longest_matching_module_path():
-    from avalanche_rebasin.interpolation import tensor_alphas
+    from avalanche_rebasin.continual.interpolation import tensor_alphas
 
     names = ["features.0.weight", "features.0.bias", "features.10.weight", "classifier.weight"]
     alphas = tensor_alphas(names, 0.3, {"features": 0.6, "features.0": 0.9})
@@ -289,7 +290,7 @@ class TiedHead(nn.Module):
 
 
 def test_layer_alpha_reaches_a_tied_weight_through_every_name_and_refuses_two_alphas_for_it():
-    from avalanche_rebasin.interpolation import tensor_aliases, tensor_alphas
+    from avalanche_rebasin.continual.interpolation import tensor_aliases, tensor_alphas
 
     model = TiedHead()
     names, aliases = model_state(model), tensor_aliases(model)
@@ -318,7 +319,7 @@ def test_a_layer_alpha_path_the_model_lacks_is_refused_before_training():
 
 
 def test_mix_keeps_the_nearer_side_where_an_infinity_would_make_nan_and_is_lerp_elsewhere():
-    from avalanche_rebasin.costs import mix
+    from avalanche_rebasin.core.state import mix
 
     inf = float("inf")
     a, b = torch.tensor([1.0, -inf, 3.0, -inf]), torch.tensor([-inf, 2.0, inf, -inf])
@@ -335,7 +336,7 @@ def test_mix_keeps_the_nearer_side_where_an_infinity_would_make_nan_and_is_lerp_
 
 
 def test_single_sample_batches_are_joined_wherever_they_fall_and_one_sample_is_refused_with_batchnorm():
-    from avalanche_rebasin.interpolation_plugin import _without_single_samples
+    from avalanche_rebasin.avalanche.interpolation_plugin import _without_single_samples
 
     batches = [(torch.zeros(n, 2), torch.zeros(n)) for n in (1, 4, 1, 3, 1)]
     sizes = [len(y) for _, y in _without_single_samples(batches)]
@@ -360,7 +361,7 @@ def test_a_nan_buffer_is_refused_before_the_first_experience_trains():
 def test_the_early_spec_check_leaves_the_global_generator_alone_when_a_sample_draws():
     from types import SimpleNamespace
 
-    from avalanche_rebasin.interpolation_plugin import WeightInterpolationPlugin
+    from avalanche_rebasin.avalanche.interpolation_plugin import WeightInterpolationPlugin
 
     class Drawing(torch.utils.data.Dataset):  # like RandomRotation: reading a sample draws from torch
         def __len__(self):

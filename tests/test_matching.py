@@ -2,7 +2,7 @@ import torch
 from rebasin_testkit import SmallCNN, mlp, randomize_batchnorm
 
 from avalanche_rebasin import (
-    PermutationSpec,
+    discover_spec,
     invert_permutation,
     permute,
     random_permutation,
@@ -14,7 +14,7 @@ def test_weight_matching_recovers_two_hidden_layer_mlp():
     torch.manual_seed(0)
     model = mlp(2, width=32)
     x = torch.randn(2, 20)
-    spec = PermutationSpec.from_model(model, x)
+    spec = discover_spec(model, x)
     perms = random_permutation(spec, torch.Generator().manual_seed(5))
     model_b = permute(model, spec, perms)
     found = weight_matching(model, model_b, spec=spec)
@@ -33,7 +33,7 @@ def test_weight_matching_returns_valid_permutations_for_unrelated_cnns():
     for idx in found.values():
         assert torch.equal(torch.sort(idx).values, torch.arange(len(idx)))
     # the matched model is at least as close to model_a as the unmatched one
-    spec = PermutationSpec.from_model(model_a, torch.randn(1, 1, 16, 16))
+    spec = discover_spec(model_a, torch.randn(1, 1, 16, 16))
     matched = permute(model_b, spec, found)
     keys = [k for k, _ in model_a.named_parameters()]
 
@@ -72,11 +72,11 @@ class _LooseScale(torch.nn.Module):
 
 
 def test_activation_matching_undoes_a_hidden_permutation_past_a_root_level_parameter():
-    from avalanche_rebasin.matching import activation_matching
+    from avalanche_rebasin.alignment.matching import activation_matching
 
     torch.manual_seed(0)
     model, x = _LooseScale(), torch.randn(64, 6)
-    spec = PermutationSpec.from_model(model, x[:1])
+    spec = discover_spec(model, x[:1])
     perms = random_permutation(spec, torch.Generator().manual_seed(1))
     found = activation_matching(model, permute(model, spec, perms), [x], spec=spec)
     assert all(torch.equal(found[g], idx) for g, idx in invert_permutation(perms).items())
@@ -85,11 +85,11 @@ def test_activation_matching_undoes_a_hidden_permutation_past_a_root_level_param
 def test_activation_matching_names_the_groups_no_module_output_shows_and_keeps_them_identity():
     import pytest
 
-    from avalanche_rebasin.matching import activation_matching
+    from avalanche_rebasin.alignment.matching import activation_matching
 
     torch.manual_seed(0)
     model, x = _Attention(), torch.randn(16, 5, 4)
-    spec = PermutationSpec.from_model(model, x[:1])
+    spec = discover_spec(model, x[:1])
     other = permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(1)))
     with pytest.warns(UserWarning, match=r"stay the identity: \[.*'att\.") as caught:
         found = activation_matching(model, other, [x], spec=spec)

@@ -16,15 +16,15 @@ from rebasin_testkit import (
 from torch import nn
 
 from avalanche_rebasin import (
-    PermutationSpec,
+    discover_spec,
     invert_permutation,
     permute,
     permute_state,
     random_permutation,
-    soft_permute_state,
 )
-from avalanche_rebasin.permute import model_state
-from avalanche_rebasin.sinkhorn import permutation_matrix
+from avalanche_rebasin.core.permute import soft_permute_state
+from avalanche_rebasin.core.sinkhorn import permutation_matrix
+from avalanche_rebasin.core.state import model_state
 
 CASES = {
     "mlp": (lambda: mlp(3, bias=True), (6, 20), 3),
@@ -49,7 +49,7 @@ def test_hard_permutation_preserves_function(name):
     g = torch.Generator().manual_seed(1)
     model = randomize_batchnorm(factory(), g).eval()
     x = torch.randn(*shape, generator=g)
-    spec = PermutationSpec.from_model(model, x)
+    spec = discover_spec(model, x)
     assert len(spec) == n_groups
     perms = random_permutation(spec, generator=g)
     assert any(not torch.equal(p, torch.arange(len(p))) for p in perms.values())
@@ -65,7 +65,7 @@ def test_hard_permutation_preserves_function(name):
 
 def test_permute_then_inverse_is_identity():
     model = mlp(2)
-    spec = PermutationSpec.from_model(model, torch.randn(2, 20))
+    spec = discover_spec(model, torch.randn(2, 20))
     perms = random_permutation(spec, torch.Generator().manual_seed(0))
     back = permute(permute(model, spec, perms), spec, invert_permutation(perms))
     for k, v in model.state_dict().items():
@@ -74,7 +74,7 @@ def test_permute_then_inverse_is_identity():
 
 def test_soft_permutation_with_one_hot_plans_equals_hard():
     model = randomize_batchnorm(SmallCNN(), torch.Generator().manual_seed(0))
-    spec = PermutationSpec.from_model(model, torch.randn(2, 1, 16, 16))
+    spec = discover_spec(model, torch.randn(2, 1, 16, 16))
     perms = random_permutation(spec, torch.Generator().manual_seed(1))
     state = model_state(model)
     hard = permute_state(state, spec, perms)
@@ -85,7 +85,7 @@ def test_soft_permutation_with_one_hot_plans_equals_hard():
 
 def test_soft_permutation_is_differentiable():
     model = mlp(2)
-    spec = PermutationSpec.from_model(model, torch.randn(2, 20))
+    spec = discover_spec(model, torch.randn(2, 20))
     plans = {g: torch.full((n, n), 1.0 / n, requires_grad=True) for g, n in spec.group_sizes.items()}
     out = soft_permute_state(model_state(model), spec, plans)
     sum(v.sum() for v in out.values()).backward()
@@ -95,14 +95,14 @@ def test_soft_permutation_is_differentiable():
 def test_training_mode_model_is_restored_after_discovery():
     model = SmallCNN().train()
     before = state_copy(model)
-    PermutationSpec.from_model(model, torch.randn(3, 1, 16, 16))
+    discover_spec(model, torch.randn(3, 1, 16, 16))
     assert model.training and all(m.training for m in model.modules())
     assert_state_equal(model, before)  # BatchNorm statistics were not updated
 
 
 def test_invalid_permutation_index_is_rejected():
     model = mlp(2)
-    spec = PermutationSpec.from_model(model, torch.randn(2, 20))
+    spec = discover_spec(model, torch.randn(2, 20))
     perms = random_permutation(spec)
     group = spec.groups[0]
     perms[group] = torch.zeros_like(perms[group])
@@ -112,6 +112,6 @@ def test_invalid_permutation_index_is_rejected():
 
 def test_linear_without_permutable_input_keeps_input_axis():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
-    spec = PermutationSpec.from_model(model, torch.randn(1, 4))
+    spec = discover_spec(model, torch.randn(1, 4))
     assert spec.axes["0.weight"][1] is None and spec.axes["0.weight"][0] is not None
     assert "2.bias" not in spec.axes  # the output is never permuted

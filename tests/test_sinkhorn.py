@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from avalanche_rebasin import Sinkhorn, hard_permutation, marginal_error, permutation_matrix
-from avalanche_rebasin.sinkhorn import sinkhorn
+from avalanche_rebasin import Sinkhorn, discover_spec, hard_permutation
+from avalanche_rebasin.core.sinkhorn import marginal_error, permutation_matrix, sinkhorn
 
 
 def _logits(n: int, batch: tuple[int, ...] = (), seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -99,7 +99,7 @@ def test_solver_object_matches_function_and_backpropagates():
 
 
 def test_matrix_scaling_forward_equals_the_log_domain_iterates_and_falls_back_on_wide_ranges():
-    from avalanche_rebasin.sinkhorn import _log_sinkhorn, _scaling_sinkhorn
+    from avalanche_rebasin.core.sinkhorn import _log_sinkhorn, _scaling_sinkhorn
 
     x = torch.randn(3, 40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 8
     assert torch.allclose(_scaling_sinkhorn(x, 25), _log_sinkhorn(x, 25).exp(), atol=1e-12, rtol=0)
@@ -110,7 +110,7 @@ def test_matrix_scaling_forward_equals_the_log_domain_iterates_and_falls_back_on
 
 
 def test_solver_object_validates_once_reports_convergence_and_stops_at_its_threshold():
-    from avalanche_rebasin.sinkhorn import Sinkhorn
+    from avalanche_rebasin.core.sinkhorn import Sinkhorn
 
     for bad in (dict(tau=0.0), dict(n_iter=0), dict(n_iter=2.5), dict(backward="x"), dict(threshold=-1.0)):
         with pytest.raises(ValueError):
@@ -127,12 +127,12 @@ def test_solver_object_validates_once_reports_convergence_and_stops_at_its_thres
 def test_align_takes_a_configured_solver_and_reports_whether_it_converged():
     from rebasin_testkit import mlp
 
-    from avalanche_rebasin import PermutationSpec, align, permute, random_permutation
-    from avalanche_rebasin.sinkhorn import Sinkhorn
+    from avalanche_rebasin import align, permute, random_permutation
+    from avalanche_rebasin.core.sinkhorn import Sinkhorn
 
     torch.manual_seed(0)
     model, x = mlp(2, width=8), torch.randn(2, 20)
-    spec = PermutationSpec.from_model(model, x)
+    spec = discover_spec(model, x)
     permuted = permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(0)))
     run = dict(spec=spec, progress=False, stop_at_zero_cost=False)  # a permuted copy: zero cost at step 0
     result = align(model, permuted, sinkhorn=Sinkhorn(tau=1.0, n_iter=50, threshold=1e-6), **run)

@@ -14,8 +14,8 @@ from avalanche.models import MTSimpleMLP, SimpleMLP
 from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin, ReplayPlugin, SupervisedPlugin
 from rebasin_testkit import SmallCNN
 
-from avalanche_rebasin import PermutationSpec, RebasinNetwork, permute_state
-from avalanche_rebasin.strategy import PRESETS, RebasinStrategy
+from avalanche_rebasin import RebasinNetwork, discover_spec, permute_state
+from avalanche_rebasin.avalanche.strategy import PRESETS, RebasinStrategy
 
 N_CLASSES = 6
 
@@ -402,7 +402,7 @@ def test_similarity_init_starts_from_the_cosine_similarity_of_units():
     units = torch.cat([w_in, b_in[:, None], w_out.T], dim=1)
     units = units / units.norm(dim=1, keepdim=True)
     expected = units @ units.T
-    spec = PermutationSpec.from_model(strategy.model, torch.zeros(1, 16))
+    spec = discover_spec(strategy.model, torch.zeros(1, 16))
     net = RebasinNetwork(strategy.model, spec, strategy.config, experience=1)
     (logits,) = net.permutation.logits
     torch.testing.assert_close(logits.detach(), expected, atol=1e-5, rtol=0)
@@ -453,7 +453,7 @@ def test_an_error_while_reestimating_batchnorm_keeps_the_previous_weights(monkey
     def failing(*args, **kwargs):
         raise RuntimeError("data source broke")
 
-    monkeypatch.setattr("avalanche_rebasin.plugin.reestimate_batchnorm", failing)
+    monkeypatch.setattr("avalanche_rebasin.avalanche.plugin.reestimate_batchnorm", failing)
     torch.manual_seed(0)
     bench = _benchmark(image=True)
     model = SmallCNN()

@@ -21,8 +21,8 @@ from avalanche.training import plugins as P
 from test_strategy import N_CLASSES, CommitRecorder, _benchmark, _evaluator, _strategy
 from torch import nn
 
-from avalanche_rebasin import PermutationSpec, RebasinPlugin, permute_state
-from avalanche_rebasin.strategy import RebasinStrategy
+from avalanche_rebasin import RebasinPlugin, discover_spec, permute_state
+from avalanche_rebasin.avalanche.strategy import RebasinStrategy
 
 
 def _mlp() -> SimpleMLP:
@@ -57,10 +57,10 @@ def test_import_of_the_core_does_not_import_avalanche():
 def test_every_public_name_resolves_and_the_avalanche_ones_import_it_only_on_use():
     code = (
         "import sys, avalanche_rebasin as ar; "
-        "core = [n for n in ar.__all__ if n not in ar._AVALANCHE_EXPORTS]; "
+        "core = [n for n in ar.__all__ if n not in ar._AVALANCHE_NAMES]; "
         "[getattr(ar, n) for n in core]; assert 'avalanche' not in sys.modules; "
-        "[getattr(ar, n) for n in ar._AVALANCHE_EXPORTS]; assert 'avalanche' in sys.modules; "
-        "assert set(ar._AVALANCHE_EXPORTS) <= set(ar.__all__)"
+        "[getattr(ar, n) for n in ar._AVALANCHE_NAMES]; assert 'avalanche' in sys.modules; "
+        "assert set(ar._AVALANCHE_NAMES) <= set(ar.__all__)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
@@ -395,7 +395,7 @@ def test_an_experience_refused_at_its_start_leaves_theta_and_the_strategy_as_the
     torch.manual_seed(0)
     bench = _benchmark()
     other = SimpleMLP(num_classes=N_CLASSES, input_size=16, hidden_size=12, drop_rate=0)
-    wrong = PermutationSpec.from_model(other, torch.zeros(1, 16))  # another architecture's spec
+    wrong = discover_spec(other, torch.zeros(1, 16))  # another architecture's spec
     model = _mlp()
     strategy = _strategy(model, spec=wrong)
     strategy.train(bench.train_stream[0])

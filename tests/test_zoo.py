@@ -11,7 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from avalanche_rebasin import PermutationSpec, align, permute, random_permutation, weight_matching
+from avalanche_rebasin import (
+    align,
+    discover_spec,
+    permute,
+    random_permutation,
+    weight_matching,
+)
 from avalanche_rebasin_experiments.zoo import FAST, ZOO_BY_NAME, check_entry, flat_outputs
 
 pytest.importorskip("timm")
@@ -33,7 +39,7 @@ def _spec_of(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = entry.build().eval()
-    return model, entry.example(), PermutationSpec.from_model(model, entry.example())
+    return model, entry.example(), discover_spec(model, entry.example())
 
 
 def test_attention_heads_are_groups_in_timm_vit_gpt2_and_grouped_query_llama():
@@ -79,7 +85,7 @@ class _KeywordModel(nn.Module):
 def test_example_input_may_be_keywords(form):
     model, x = _KeywordModel(), torch.randn(5, 4)
     example = {"x": x, "scale": 2.0} if form == "dict" else ((x,), {"scale": 2.0})
-    spec = PermutationSpec.from_model(model, example)
+    spec = discover_spec(model, example)
     assert spec.group_sizes == {"fc1": 8}
     permuted = permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(0)))
     a, b = flat_outputs(model(x, scale=2.0)), flat_outputs(permuted(x, scale=2.0))
@@ -122,14 +128,14 @@ def test_rebasin_on_a_timm_vit_commits_its_formula():
 def test_interpolation_on_a_timm_vit_commits_its_formula_with_the_heads_aligned():
     from test_interpolation import _plugin_perms, _run
 
-    from avalanche_rebasin import model_state
+    from avalanche_rebasin.core.state import model_state
 
     alpha = 0.3
     strategy, recorder, committed, _ = _run(
         _tiny_vit(6), image=True, alignment="weight_matching", alpha=alpha
     )
     model = strategy.model
-    spec = PermutationSpec.from_model(model, torch.zeros(1, 1, 16, 16))
+    spec = discover_spec(model, torch.zeros(1, 1, 16, 16))
     assert any(g.endswith(".heads") for g in spec.group_sizes)
     old, new = _tiny_vit(6), _tiny_vit(6)
     old.load_state_dict(committed[0])

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ._trace import FIXED, Feature, OpCall, Part, Stacked, Tracer, register_rule
+from ..trace import FIXED, Feature, OpCall, Part, Stacked, Tracer, register_rule
 
 __all__: list[str] = []
 

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._checks import check_integer, check_real, check_same_architecture, known_empty
-from .costs import interpolate_state
-from .model_inputs import call_model, to_device
-from .permute import load_state_, model_state, private_copy
+from ..core.model_inputs import call_model, to_device
+from ..core.state import interpolate_state, load_state_, model_state, private_copy
+from ..core.validation import check_integer, check_real
+from .inputs import check_same_architecture, known_empty
 
 __all__ = ["LMCCurve", "barrier_and_auc", "interpolate", "lmc_curve", "reestimate_batchnorm"]
 

@@ -1,28 +1,19 @@
-"""Input validation shared by the public entry points: clear errors, nothing mutated."""
+"""What alignment checks of its inputs: two models of one architecture, a spec (given or
+discovered), and a stream of batches that never hangs."""
 
 from __future__ import annotations
 
 import itertools
-import math
-import numbers
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from .spec import PermutationSpec
+from ..core.spec import PermutationSpec
+from ..core.validation import check_finite
+from ..discovery import discover_spec
 
-__all__ = [
-    "batch_stream",
-    "check_compatible",
-    "check_finite",
-    "check_integer",
-    "check_real",
-    "check_same_architecture",
-    "known_empty",
-    "resolve_spec",
-]
+__all__ = ["batch_stream", "check_compatible", "check_same_architecture", "known_empty", "resolve_spec"]
 
 
 def resolve_spec(model: nn.Module, spec: PermutationSpec | None, example_input: Any) -> PermutationSpec:
@@ -34,47 +25,7 @@ def resolve_spec(model: nn.Module, spec: PermutationSpec | None, example_input: 
             "Pass example_input= (a batch the model accepts) so the permutation spec can be "
             "discovered, or pass spec= explicitly."
         )
-    from .discovery import discover_spec  # discovery does not import this module
-
     return discover_spec(model, example_input)
-
-
-def check_integer(name: str, value: Any, low: int, *, optional: bool = False) -> None:
-    """``TypeError`` unless ``value`` is an integer (not a bool; ``None`` if ``optional``),
-    ``ValueError`` if it is below ``low``; both name the argument."""
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        none = " or None" if optional else ""
-        raise TypeError(f"{name} must be an integer >= {low}{none}, got {value!r} ({type(value).__name__}).")
-    if value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
-
-
-def check_real(name: str, value: Any, low: float | None = None, *, strict: bool = False) -> None:
-    """``TypeError`` unless ``value`` is a real number (not a bool), ``ValueError`` unless it
-    is finite and, given ``low``, ``> low`` (``strict``) or ``>= low``; both name the argument."""
-    rule = "a finite number" + ("" if low is None else f" {'>' if strict else '>='} {low:g}")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be {rule}, got {value!r} ({type(value).__name__}).")
-    below = low is not None and (value <= low if strict else value < low)
-    if not math.isfinite(value) or below:
-        raise ValueError(f"{name} must be {rule}, got {value!r}.")
-
-
-def check_finite(state: Mapping[str, Tensor], label: str, masks: Collection[str] = ()) -> None:
-    """Raise ``ValueError`` at the first NaN or infinity; in ``masks`` (buffers, where ``±inf``
-    marks masked positions) only at a NaN."""
-    for name, tensor in state.items():
-        if not tensor.is_floating_point():
-            continue
-        mask = name in masks
-        if torch.isnan(tensor).any() if mask else not torch.isfinite(tensor).all():
-            what = "NaN values" if mask else "NaN or infinite values"
-            raise ValueError(
-                f"{label} has {what} in '{name}'; re-basin needs finite weights (check the training "
-                "run that produced them)."
-            )
 
 
 def check_same_architecture(sa: Mapping[str, Tensor], sb: Mapping[str, Tensor]) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._trace import FIXED, Feature, OpCall, ParamRef, Stacked, Tracer, register_rule
+from ..trace import FIXED, Feature, OpCall, ParamRef, Stacked, Tracer, register_rule
 
 __all__ = ["ELEMENTWISE", "normalize_dims"]
 

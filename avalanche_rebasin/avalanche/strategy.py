@@ -21,16 +21,16 @@ from avalanche.checkpointing import save_checkpoint
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
+from ..continual.config import PRESETS, RebasinConfig
+from ..continual.rebasin import ExperienceReport
+from ..core.spec import PermutationSpec
 from .checkpointing import (
     _OptimizerSnapshot,  # noqa: F401  (checkpoints pickled before it moved)
     optimizer_as_data,
     optimizer_from_data,
 )
-from .continual import ExperienceReport
-from .continual_config import PRESETS, RebasinConfig
+from .compatibility import check_plugins
 from .plugin import RebasinPlugin, arrange_plugins
-from .plugin_compat import check_plugins
-from .spec import PermutationSpec
 
 __all__ = [
     "PRESETS",

@@ -21,14 +21,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._checks import check_finite
-from .align import PermutationLogits
-from .continual_config import RebasinConfig
+from ..alignment.matching import similarity_matrix
+from ..core.logits import PermutationLogits
+from ..core.permute import identity_permutation, permute_state, soft_permute_state
+from ..core.sinkhorn import Sinkhorn, permutation_matrix
+from ..core.spec import PermutationSpec
+from ..core.state import model_state
+from ..core.validation import check_finite
+from .config import RebasinConfig
 from .grouped_optimizer import GroupedOptimizer
-from .matching import similarity_matrix
-from .permute import identity_permutation, model_state, permute_state, soft_permute_state
-from .sinkhorn import Sinkhorn, permutation_matrix
-from .spec import PermutationSpec
 
 __all__ = [
     "ExperienceReport",

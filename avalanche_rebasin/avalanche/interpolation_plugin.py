@@ -4,8 +4,8 @@ Every experience trains the model as the template would (with replay if a ``Repl
 is given). At its end the plugin aligns the trained network to the weights the experience
 started from and commits ``θ = (1 − α)·θ_old + α·π(θ_new)`` into the user's module, then
 re-estimates BatchNorm statistics on the alignment data (see
-:mod:`avalanche_rebasin.interpolation`). Every experience is a transaction
-(:mod:`avalanche_rebasin.transaction`): on any exception or Ctrl-C inside it, the user's module
+:mod:`avalanche_rebasin.continual.interpolation`). Every experience is a transaction
+(:mod:`avalanche_rebasin.avalanche.transaction`): on any exception or Ctrl-C inside it, the user's module
 and optimiser return to the experience's start, so does the plugin's state, and the error
 propagates.
 """
@@ -24,10 +24,8 @@ from avalanche.training.templates.base_sgd import PeriodicEval
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ._checks import check_finite
-from .checkpointing import optimizer_as_data, optimizer_from_data
-from .discovery import discover_spec
-from .interpolation import (
+from ..alignment.lmc import reestimate_batchnorm
+from ..continual.interpolation import (
     ALIGNMENTS,
     NEEDS_DATA,
     InterpolationReport,
@@ -36,12 +34,15 @@ from .interpolation import (
     tensor_alphas,
     timed_alignment,
 )
-from .lmc import reestimate_batchnorm
-from .permute import identity_permutation, load_state_, model_state, private_copy
-from .plugin_compat import check_interpolation_plugins, order_plugins
-from .plugin_inputs import example_input_of
-from .restart import fresh_initialisation, restart_seed, restart_state
-from .spec import PermutationSpec
+from ..continual.restart import fresh_initialisation, restart_seed, restart_state
+from ..core.permute import identity_permutation
+from ..core.spec import PermutationSpec
+from ..core.state import load_state_, model_state, private_copy
+from ..core.validation import check_finite
+from ..discovery import discover_spec
+from .checkpointing import optimizer_as_data, optimizer_from_data
+from .compatibility import check_interpolation_plugins, order_plugins
+from .inputs import example_input_of
 from .transaction import ExperienceSnapshot, guard_experiences, release_experiences
 
 __all__ = ["InterpolationStrategy", "WeightInterpolationPlugin"]
@@ -56,7 +57,7 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         alpha: weight of the trained network, in [0, 1] (1: keep what was trained).
         layer_alpha: module path → its own α (e.g. ``{"classifier": 1.0}``: the head from the
             trained network, the rest interpolated); the longest matching path wins.
-        alignment: one of :data:`~avalanche_rebasin.interpolation.ALIGNMENTS`.
+        alignment: one of :data:`~avalanche_rebasin.continual.interpolation.ALIGNMENTS`.
         align_data: where the data-driven alignments and BatchNorm re-estimation read
             ``(x, y)`` batches: the replay ``buffer`` (needs a ``ReplayPlugin`` before this
             plugin), the ``experience``, or ``both``.
@@ -67,7 +68,7 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         restart: every experience after the first starts training from
             ``(1 − restart)·θ_old + restart·θ_init``, a fresh seeded initialisation
             (0: fine-tune θ_old, the default; 1: from scratch; see
-            :mod:`avalanche_rebasin.restart`). θ_old, the interpolation's anchor, is unchanged.
+            :mod:`avalanche_rebasin.continual.restart`). θ_old, the interpolation's anchor, is unchanged.
         spec: a PermutationSpec (default: discovered from the model at every commit).
     """
 

@@ -22,7 +22,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from .spec import PermutationSpec, axis_parts
+from ..core.spec import PermutationSpec, axis_parts
 
 __all__ = ["nested_groups", "solve_nested"]
 

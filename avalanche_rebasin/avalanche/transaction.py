@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from .permute import load_state_, model_state
+from ..core.state import load_state_, model_state
 
 __all__ = ["Bookkeeping", "ExperienceSnapshot", "Transactional", "guard_experiences", "release_experiences"]
 

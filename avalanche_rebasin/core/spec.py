@@ -16,7 +16,7 @@ whole heads). A group with ``blocks = B`` only has permutations that keep every 
 inside its block of ``size / B`` consecutive units (channels of one GroupNorm group,
 dimensions of one attention head).
 
-Specs are derived automatically with :meth:`PermutationSpec.from_model` (see
+Specs are derived automatically with :func:`avalanche_rebasin.discover_spec` (see
 :mod:`avalanche_rebasin.discovery`) or written by hand.
 """
 
@@ -78,11 +78,10 @@ class PermutationSpec:
             :class:`AxisPermutation`, or a tuple of them (see the module docstring).
         group_blocks: group name → number of blocks its units may not leave (default 1).
 
-    ``PermutationSpec.from_model(model, example_input)`` discovers the spec by tracing
-    (see :func:`avalanche_rebasin.discovery.discover_spec`).
+    :func:`avalanche_rebasin.discover_spec` derives a spec from a model by tracing.
     """
 
-    # set by avalanche_rebasin.discovery (the package imports it): the spec traced from a model
+    # deprecated alias of discover_spec, attached by avalanche_rebasin.discovery for one release
     from_model: ClassVar[Callable[..., PermutationSpec]]
 
     group_sizes: Mapping[str, int]

@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
-from ._trace import FIXED, Part, Tracer, UnsupportedOperationError
-from .spec import AxisPermutation, PermutationSpec
+from ..core.spec import AxisPermutation, PermutationSpec
+from .trace import FIXED, Part, Tracer, UnsupportedOperationError
 
 __all__ = ["resolve"]
 

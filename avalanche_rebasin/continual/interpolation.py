@@ -21,11 +21,11 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from .align import align
-from .costs import functional_loss, interpolate_state, mix
-from .matching import activation_matching, weight_matching
-from .permute import identity_permutation, permute_state, private_copy
-from .spec import PermutationSpec
+from ..alignment.align import align
+from ..alignment.matching import activation_matching, weight_matching
+from ..core.permute import identity_permutation, permute_state
+from ..core.spec import PermutationSpec
+from ..core.state import functional_loss, interpolate_state, mix, private_copy
 
 __all__ = [
     "ALIGNMENTS",

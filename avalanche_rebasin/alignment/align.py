@@ -2,7 +2,7 @@
 
 For every group ``g`` a logit matrix ``X_g`` is optimised so that the soft
 permutation ``P_g = Sinkhorn(X_g / τ)`` minimises a cost of ``θ_A`` and
-``π_P(θ_B)`` (see :mod:`avalanche_rebasin.costs`). The result is the hard
+``π_P(θ_B)`` (see :mod:`avalanche_rebasin.core.costs`). The result is the hard
 permutation ``argmax_P Σ ⟨P, X⟩`` (linear assignment on the logits), which maps
 ``model_b`` into ``model_a``'s basin.
 """
@@ -20,17 +20,19 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._checks import batch_stream, check_compatible, check_integer, check_real, resolve_spec
-from ._convergence import Convergence, ZeroCost, greedy_permutations
-from .blocks import blocked_hard_permutation, blocked_sinkhorn
-from .costs import CosineCost, Cost, L1Cost, L2Cost, LossFn, MidpointCost, RandomPointCost
+from ..core.costs import CosineCost, Cost, L1Cost, L2Cost, MidpointCost, RandomPointCost
+from ..core.logits import PermutationLogits
+from ..core.model_inputs import floating_to
+from ..core.permute import identity_permutation, permute, soft_permute_state
+from ..core.sinkhorn import Sinkhorn, marginal_error, permutation_matrix
+from ..core.spec import PermutationSpec
+from ..core.state import LossFn, model_state, private_copy
+from ..core.validation import check_integer, check_real
+from .convergence import Convergence, ZeroCost, greedy_permutations
+from .inputs import batch_stream, check_compatible, resolve_spec
 from .matching import weight_matching_state
-from .model_inputs import floating_to
-from .permute import identity_permutation, model_state, permute, private_copy, soft_permute_state
-from .sinkhorn import Sinkhorn, marginal_error, permutation_matrix
-from .spec import PermutationSpec
 
-__all__ = ["AlignResult", "PermutationLogits", "align"]
+__all__ = ["AlignResult", "align"]
 
 CostName = Literal["l2", "l1", "cosine", "mid", "rnd"]
 Init = Literal["identity", "random", "weight_matching"]
@@ -74,42 +76,6 @@ class AlignResult:
     @property
     def converged(self) -> bool:
         return self.stop_reason in ("converged", "optimal")
-
-
-class PermutationLogits(nn.Module):
-    """Learnable logits ``X_g`` for every group, and their Sinkhorn plans.
-
-    Groups of equal size are stacked and solved as one batch.
-    """
-
-    def __init__(self, spec: PermutationSpec, init: Mapping[str, Tensor]) -> None:
-        super().__init__()
-        self.spec = spec
-        self.names = list(spec.group_sizes)
-        self.logits = nn.ParameterList([nn.Parameter(init[g].clone()) for g in self.names])
-        buckets: dict[tuple[int, int], list[int]] = {}
-        for i, g in enumerate(self.names):
-            buckets.setdefault((spec.group_sizes[g], spec.blocks(g)), []).append(i)
-        self._buckets = list(buckets.items())
-
-    def as_dict(self) -> dict[str, Tensor]:
-        return {g: x.detach().clone() for g, x in zip(self.names, self.logits)}
-
-    def as_views(self) -> dict[str, Tensor]:
-        """The logits per group, detached, without a copy."""
-        return {g: x.detach() for g, x in zip(self.names, self.logits)}
-
-    def plans(self, solver: Sinkhorn) -> dict[str, Tensor]:
-        """Each group's plan from ``solver`` (blocks solved separately, groups of one size batched)."""
-        out: dict[str, Tensor] = {}
-        for (_, blocks), bucket in self._buckets:
-            stacked = torch.stack([self.logits[i] for i in bucket])
-            plans = blocked_sinkhorn(stacked, blocks, solver)
-            out.update({self.names[i]: p for i, p in zip(bucket, plans.unbind(0))})
-        return out
-
-    def hard(self) -> dict[str, Tensor]:
-        return {g: blocked_hard_permutation(x, self.spec.blocks(g)) for g, x in zip(self.names, self.logits)}
 
 
 def _make_cost(

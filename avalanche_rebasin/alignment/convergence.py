@@ -19,9 +19,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from .blocks import diagonal_blocks
-from .permute import permute_state
-from .spec import PermutationSpec
+from ..core.blocks import diagonal_blocks
+from ..core.permute import permute_state
+from ..core.spec import PermutationSpec
 
 __all__ = ["Convergence", "ZeroCost", "greedy_permutations"]
 

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .costs import mix
-from .permute import model_state, private_copy
+from ..core.state import mix, model_state, private_copy
 
 __all__ = ["fresh_initialisation", "restart_seed", "restart_state"]
 

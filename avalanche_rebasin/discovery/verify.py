@@ -21,10 +21,10 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.overrides import TorchFunctionMode
 
-from .model_inputs import call_model
-from .permute import permute, random_permutation
+from ..core.model_inputs import call_model
+from ..core.permute import permute, random_permutation
+from ..core.spec import PermutationSpec
 from .reachable import reachable_tensors
-from .spec import PermutationSpec
 
 __all__ = ["check_spec"]
 
@@ -127,7 +127,7 @@ def check_spec(
     """``spec`` if a random permutation keeps ``module``'s outputs on ``args``; otherwise
     raise, or (``freeze``) the spec without the groups that change them. ``module`` is a
     private copy: its parameters are perturbed in place."""
-    from ._trace import UnsupportedOperationError
+    from .trace import UnsupportedOperationError
 
     if not spec.groups:
         return spec

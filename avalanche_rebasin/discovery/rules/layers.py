@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from ._trace import FIXED, Feature, OpCall, ParamRef, Tracer, register_rule
+from ..trace import FIXED, Feature, OpCall, ParamRef, Tracer, register_rule
 
 __all__: list[str] = []
 

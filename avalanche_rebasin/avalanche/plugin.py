@@ -9,7 +9,7 @@ trained. At the task's end it commits ``θ_{i+1} = (1 − α)θ_i + απ_P̂(θ_
 user's module and hands ``strategy.model`` and ``strategy.optimizer`` back, before any
 other plugin's ``after_training_exp`` (the plugin moves itself to the front of the list).
 
-Every task is a transaction (:mod:`avalanche_rebasin.transaction`): on any exception or
+Every task is a transaction (:mod:`avalanche_rebasin.avalanche.transaction`): on any exception or
 Ctrl-C inside it, the user's module and optimiser return to θ_i, ``strategy.model`` and
 ``strategy.optimizer`` to them, the plugin's counters and reports to the task's start, and the
 error propagates; training the task again equals an uninterrupted run.
@@ -36,7 +36,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Subset
 
-from .continual import (
+from ..alignment.lmc import reestimate_batchnorm
+from ..continual.config import RebasinConfig
+from ..continual.rebasin import (
     ExperienceReport,
     RebasinNetwork,
     add_penalty_gradient,
@@ -48,13 +50,11 @@ from .continual import (
     first_non_finite,
     make_optimizer,
 )
-from .continual_config import RebasinConfig
-from .discovery import discover_spec
-from .lmc import reestimate_batchnorm
-from .permute import load_state_
-from .plugin_compat import check_plugins
-from .plugin_inputs import example_input_of
-from .spec import PermutationSpec
+from ..core.spec import PermutationSpec
+from ..core.state import load_state_
+from ..discovery import discover_spec
+from .compatibility import check_plugins
+from .inputs import example_input_of
 from .transaction import ExperienceSnapshot, guard_experiences, release_experiences
 
 __all__ = ["RebasinPlugin", "arrange_plugins"]
@@ -192,7 +192,7 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignor
             self._handover.give_back(strategy)
         self.network, self._handover = None, None
 
-    # -- the task as a transaction (see avalanche_rebasin.transaction) -------------------------
+    # -- the task as a transaction (see avalanche_rebasin.avalanche.transaction) -------------------------
     def rollback(self, strategy: Any) -> None:
         """After an error inside the task: the strategy, the user's module and optimiser, the
         counters and the reports as the task found them."""

@@ -8,66 +8,25 @@ way, ``t'[c] = Σ_j P[c, j] · t[j]``, so it is differentiable in ``P``.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from .spec import AxisEntry, AxisPermutation, PermutationSpec, axis_parts
+from .state import load_state_, model_state, private_copy
 
 __all__ = [
     "check_permutations",
     "identity_permutation",
     "invert_permutation",
-    "load_state_",
-    "model_state",
     "permute",
     "permute_axis",
     "permute_state",
     "permute_tensor",
-    "private_copy",
     "random_permutation",
     "soft_permute_state",
 ]
-
-
-def model_state(model: nn.Module) -> dict[str, Tensor]:
-    """All named parameters and buffers (non-persistent buffers included), detached."""
-    return {name: t.detach() for name, t in [*model.named_parameters(), *model.named_buffers()]}
-
-
-def private_copy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)``, checked to share no tensor with ``model`` (a module whose
-    ``__deepcopy__`` returns ``self`` would otherwise let a "copy" write into the original)."""
-    try:
-        duplicate = copy.deepcopy(model)
-    except Exception as error:
-        raise TypeError(
-            f"This needs a deep copy of the model, and copying {type(model).__name__} failed "
-            f"({type(error).__name__}: {error}); make the module deep-copyable."
-        ) from error
-    own = {t.data_ptr() for t in [*model.parameters(), *model.buffers()] if t.numel()}
-    named = [*duplicate.named_parameters(), *duplicate.named_buffers()]
-    shared = [n for n, t in named if t.numel() and t.data_ptr() in own]
-    if shared:
-        raise TypeError(
-            f"copy.deepcopy of the model shares '{shared[0]}' with the original (a __deepcopy__ "
-            "returning self?), so a permuted or interpolated copy would write into your model; "
-            "make the module deep-copyable."
-        )
-    return duplicate
-
-
-def load_state_(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
-    """Copy ``state`` into ``model``'s parameters and buffers, in place; returns ``model``."""
-    targets = dict([*model.named_parameters(), *model.named_buffers()])
-    with torch.no_grad():
-        for name, value in state.items():
-            if name not in targets:
-                raise KeyError(f"Model has no parameter or buffer named '{name}'.")
-            targets[name].copy_(value)
-    return model
 
 
 def identity_permutation(

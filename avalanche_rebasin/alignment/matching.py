@@ -31,20 +31,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._checks import batch_stream, check_compatible, check_integer, resolve_spec
-from ._nested import nested_groups, solve_nested
-from .blocks import blocked_hard_permutation
-from .costs import functional_loss, interpolate_state
-from .model_inputs import call_model
-from .permute import (
-    identity_permutation,
-    model_state,
-    permute_axis,
-    permute_state,
-    permute_tensor,
-    private_copy,
-)
-from .spec import GroupMember, PermutationSpec, axis_parts
+from ..core.blocks import blocked_hard_permutation
+from ..core.model_inputs import call_model
+from ..core.permute import identity_permutation, permute_axis, permute_state, permute_tensor
+from ..core.spec import GroupMember, PermutationSpec, axis_parts
+from ..core.state import functional_loss, interpolate_state, model_state, private_copy
+from ..core.validation import check_integer
+from .inputs import batch_stream, check_compatible, resolve_spec
+from .nested import nested_groups, solve_nested
 
 __all__ = ["similarity_matrix", "unit_matrix", "weight_matching", "weight_matching_state"]
 

@@ -13,14 +13,14 @@ A cost is any callable ``cost(theta_a, theta_b_permuted, batch) -> scalar tensor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .model_inputs import call_with_state
+from .state import LossFn, State, functional_loss, interpolate_state
 
 __all__ = [
     "CosineCost",
@@ -30,62 +30,9 @@ __all__ = [
     "MidpointCost",
     "RandomPointCost",
     "continual_cost",
-    "functional_loss",
-    "interpolate_state",
 ]
 
-State = Mapping[str, Tensor]
 Cost = Callable[[State, State, Any], Tensor]
-LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def all_finite(tensors: Iterable[Tensor]) -> bool:
-    """Whether every entry of ``tensors`` is finite, read from one sum per tensor and a single
-    host synchronisation. A sum that overflows reads as non-finite, which only sends
-    :func:`mix` down its careful path."""
-    sums = [t.detach().sum().float() for t in tensors if t.numel()]
-    if not sums:
-        return True
-    device = sums[0].device
-    return bool(torch.isfinite(torch.stack([s.to(device) for s in sums])).all())
-
-
-def mix(a: Tensor, b: Tensor, weight: float | Tensor, *, finite: bool = False) -> Tensor:
-    """``(1−w)·a + w·b``. Where an infinite entry would make the formula NaN (a mask's
-    ``-inf`` on both sides, ``0·∞`` at ``w`` = 0 or 1) the entry of the nearer side is kept.
-    ``finite=True`` says the caller has checked that ``a`` and ``b`` are finite."""
-    out = torch.lerp(a, b, weight)
-    if finite or all_finite((a, b)):
-        return out
-    nearer = torch.where(torch.as_tensor(weight, device=a.device) <= 0.5, a, b)
-    return torch.where(torch.isnan(out) & ~torch.isnan(a) & ~torch.isnan(b), nearer, out)
-
-
-def interpolate_state(a: State, b: State, lam: float | Tensor | Mapping[str, float]) -> dict[str, Tensor]:
-    """``(1−λ)·a + λ·b`` for floating tensors (see :func:`mix`; ``lam`` may map every tensor
-    name to its own λ); integer buffers from ``a``. One finiteness check for the whole state."""
-    floating = [k for k, v in a.items() if v.is_floating_point()]
-    finite = all_finite([*(a[k] for k in floating), *(b[k] for k in floating)])
-    return {
-        k: mix(v, b[k], lam[k] if isinstance(lam, Mapping) else lam, finite=finite)
-        if v.is_floating_point()
-        else v
-        for k, v in a.items()
-    }
-
-
-def functional_loss(model: nn.Module, state: State, batch: Any, loss_fn: LossFn) -> Tensor:
-    """``loss_fn(model_θ(x), y)`` for ``batch = (x, y, ...)`` with ``θ = state``.
-
-    Buffers in ``state`` are cloned first, so a model in training mode updates only
-    those copies (``functional_call`` writes BatchNorm statistics in place).
-    """
-    x, y = batch[0], batch[1]
-    buffers = {name for name, _ in model.named_buffers()}
-    state = {k: v.detach().clone() if k in buffers else v for k, v in state.items()}
-    return loss_fn(call_with_state(model, state, x), y)
-
-
 @dataclass
 class _WeightCost:
     keys: Sequence[str] | None = None  # tensors compared (default: every floating tensor)

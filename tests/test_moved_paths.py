@@ -1,0 +1,73 @@
+"""Release 0.1's import paths keep working for one release, each with a DeprecationWarning
+naming the new path; old pickles (a checkpoint's objects) load."""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import avalanche_rebasin
+from avalanche_rebasin import discover_spec
+from avalanche_rebasin._moved import MOVED_MODULES, MOVED_NAMES
+from avalanche_rebasin.core.spec import PermutationSpec
+
+README_OLD_PATHS = {
+    "avalanche_rebasin.datasets": "prepare_embedded_mnist",
+    "avalanche_rebasin.interpolation_plugin": "InterpolationStrategy",
+    "avalanche_rebasin.strategy": "RebasinStrategy",
+    "avalanche_rebasin.sinkhorn": "sinkhorn",
+    "avalanche_rebasin.matching": "activation_matching",
+}
+
+
+@pytest.mark.parametrize("old", sorted(MOVED_MODULES))
+def test_every_old_module_path_warns_and_gives_the_new_module(old):
+    with pytest.warns(DeprecationWarning, match=f"avalanche_rebasin.{old} has moved to {MOVED_MODULES[old]}"):
+        sys.modules.pop(f"avalanche_rebasin.{old}", None)
+        module = importlib.import_module(f"avalanche_rebasin.{old}")
+    assert module is importlib.import_module(MOVED_MODULES[old])
+
+
+def test_the_readme_old_imports_work_in_a_fresh_interpreter():
+    code = "import warnings; warnings.simplefilter('always')\n" + "".join(
+        f"from {old} import {name}; print({name}.__module__)\n" for old, name in README_OLD_PATHS.items()
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    homes = done.stdout.split()
+    for (old, _), home in zip(README_OLD_PATHS.items(), homes, strict=True):
+        assert home == MOVED_MODULES[old.rpartition(".")[2]]
+        assert f"{old} has moved to {home}" in done.stderr
+
+
+@pytest.mark.parametrize("name", sorted(MOVED_NAMES))
+def test_internal_names_left_the_face_but_resolve_with_a_warning(name):
+    assert name not in avalanche_rebasin.__all__
+    with pytest.warns(DeprecationWarning, match=f"import it from {MOVED_NAMES[name]}"):
+        value = getattr(avalanche_rebasin, name)
+    assert value is getattr(importlib.import_module(MOVED_NAMES[name]), name)
+
+
+def test_from_model_is_discover_spec_with_a_warning():
+    model, x = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), torch.randn(2, 3)
+    with pytest.warns(DeprecationWarning, match="discover_spec"):
+        spec = PermutationSpec.from_model(model, x)
+    assert spec == discover_spec(model, x)
+
+
+def test_an_object_pickled_under_an_old_path_loads():
+    from avalanche_rebasin.continual.config import RebasinConfig
+
+    data = pickle.dumps(RebasinConfig()).replace(
+        b"avalanche_rebasin.continual.config", b"avalanche_rebasin.continual_config"
+    )
+    assert b"avalanche_rebasin.continual_config" in data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert pickle.loads(data) == RebasinConfig()
