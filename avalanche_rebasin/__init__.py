@@ -18,6 +18,7 @@ from . import _moved
 from .alignment import (
     AlignResult,
     LMCCurve,
+    Stopping,
     activation_matching,
     align,
     barrier_and_auc,
@@ -68,6 +69,7 @@ __all__ = [
     "RebasinStrategy",
     "Sinkhorn",
     "SinkhornOutput",
+    "Stopping",
     "UnsupportedOperationError",
     "WeightInterpolationPlugin",
     "activation_matching",

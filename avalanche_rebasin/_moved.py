@@ -17,9 +17,10 @@ from collections.abc import Sequence
 
 __all__ = ["MOVED_MODULES", "MOVED_NAMES", "install", "moved_name"]
 
-#: old module (under ``avalanche_rebasin.``) → where it lives now
+#: old module (under ``avalanche_rebasin.``) → where it lives now. Not ``align`` and
+#: ``permute``: importing a module of that name would overwrite the package's functions
+#: ``avalanche_rebasin.align`` and ``avalanche_rebasin.permute``.
 MOVED_MODULES = {
-    "align": "avalanche_rebasin.alignment.align",
     "blocks": "avalanche_rebasin.core.blocks",
     "checkpointing": "avalanche_rebasin.avalanche.checkpointing",
     "continual_config": "avalanche_rebasin.continual.config",
@@ -31,7 +32,6 @@ MOVED_MODULES = {
     "lmc": "avalanche_rebasin.alignment.lmc",
     "matching": "avalanche_rebasin.alignment.matching",
     "model_inputs": "avalanche_rebasin.core.model_inputs",
-    "permute": "avalanche_rebasin.core.permute",
     "plugin": "avalanche_rebasin.avalanche.plugin",
     "plugin_compat": "avalanche_rebasin.avalanche.compatibility",
     "plugin_inputs": "avalanche_rebasin.avalanche.inputs",

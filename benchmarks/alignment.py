@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from avalanche_rebasin import (
+    Stopping,
     align,
     discover_spec,
     invert_permutation,
@@ -90,13 +91,13 @@ def run_case(name: str, model: nn.Module, example: torch.Tensor, n_perms: int, s
             model,
             model_b,
             spec=spec,
-            steps=steps,
             lr=lr,
             progress=False,
             seed=seed,
-            patience=None,  # the callback stops it once the truth is found
+            # the callback stops it once the truth is found
             init="identity",  # Sinkhorn on its own (weight matching is measured beside it)
             callback=_stop_when_solved(truth),
+            stopping=Stopping(max_steps=steps, patience=None),
         )
         out["sinkhorn"]["seconds"].append(time.perf_counter() - begin)
         out["sinkhorn"]["l1"].append(1e3 * l1_distance(res.permutations, truth))

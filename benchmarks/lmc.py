@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from avalanche_rebasin import (
     PermutationSpec,
+    Stopping,
     align,
     discover_spec,
     lmc_curve,
@@ -139,7 +140,7 @@ def assert_preserves_function(
 # The tables were measured with these settings (identity start, every step run, Adam at
 # 0.1): kept explicit so that align's defaults (weight-matching start, early stopping,
 # lr 0.3) do not change them.
-FIXED_STEPS = {"lr": 0.1, "patience": None, "init": "identity", "progress": False}
+FIXED_STEPS = {"lr": 0.1, "init": "identity", "progress": False}
 
 
 def alignment_methods(model_a, model_b, spec, batches, steps: int) -> dict:
@@ -149,15 +150,31 @@ def alignment_methods(model_a, model_b, spec, batches, steps: int) -> dict:
         "WM": lambda: weight_matching(model_a, model_b, spec=spec),
         "AM": lambda: activation_matching(model_a, model_b, batches, spec=spec),
         "STE": lambda: straight_through(model_a, model_b, batches, spec=spec, steps=steps, progress=False),
-        "C_L2": lambda: align(model_a, model_b, spec=spec, steps=steps, **FIXED_STEPS).permutations,
+        "C_L2": lambda: (
+            align(
+                model_a, model_b, spec=spec, **FIXED_STEPS, stopping=Stopping(max_steps=steps, patience=None)
+            ).permutations
+        ),
         "C_Mid": lambda: (
             align(
-                model_a, model_b, spec=spec, cost="mid", data=batches, steps=steps, **FIXED_STEPS
+                model_a,
+                model_b,
+                spec=spec,
+                cost="mid",
+                data=batches,
+                **FIXED_STEPS,
+                stopping=Stopping(max_steps=steps, patience=None),
             ).permutations
         ),
         "C_Rnd": lambda: (
             align(
-                model_a, model_b, spec=spec, cost="rnd", data=batches, steps=steps, **FIXED_STEPS
+                model_a,
+                model_b,
+                spec=spec,
+                cost="rnd",
+                data=batches,
+                **FIXED_STEPS,
+                stopping=Stopping(max_steps=steps, patience=None),
             ).permutations
         ),
     }

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from avalanche_rebasin import align, discover_spec, lmc_curve, permute, weight_matching
+from avalanche_rebasin import Stopping, align, discover_spec, lmc_curve, permute, weight_matching
 
 SEQ = 64
 
@@ -130,8 +130,8 @@ def run(arch: str, steps: int, align_steps: int, points: int) -> dict:
         "naive": lambda: None,
         "WM": lambda: weight_matching(model_a, model_b, spec=spec),
         "C_Mid": lambda: align(
-            model_a, model_b, spec=spec, cost="mid", data=train_batches, loss_fn=loss_fn, steps=align_steps,
-            progress=False,
+            model_a, model_b, spec=spec, cost="mid", data=train_batches, loss_fn=loss_fn, progress=False,
+            stopping=Stopping(max_steps=align_steps),
         ).permutations,
     }  # fmt: skip
     rows = {}

@@ -51,9 +51,9 @@ def ours_align(a: nn.Module, b: nn.Module, x: torch.Tensor, task: str) -> tuple[
 
 
 def ours_sinkhorn(a: nn.Module, b: nn.Module, x: torch.Tensor, task: str) -> tuple[nn.Module, int, float]:
-    from avalanche_rebasin import align
+    from avalanche_rebasin import Stopping, align
 
-    result = align(a, b, example_input=x, cost="l2", progress=False, stop_at_zero_cost=False)
+    result = align(a, b, example_input=x, cost="l2", progress=False, stopping=Stopping(at_zero_cost=False))
     return result.model, result.steps, result.seconds
 
 

@@ -23,6 +23,7 @@ import torchvision
 from common import markdown_table, mlp, timed, vgg11_bn_small, write_json
 
 from avalanche_rebasin import (
+    Stopping,
     align,
     discover_spec,
     invert_permutation,
@@ -87,7 +88,11 @@ def model_case(name: str, model, example, steps: int) -> dict:
     model_b = permute(model, spec, perms)
     params = {n for n, _ in model.named_parameters()}
     keys = [k for k in spec.axes if k in params]
-    _, one_step_s = timed(lambda: align(model, model_b, spec=spec, steps=1, init="identity", progress=False))
+    _, one_step_s = timed(
+        lambda: align(
+            model, model_b, spec=spec, init="identity", progress=False, stopping=Stopping(max_steps=1)
+        )
+    )
     solved_at = []
 
     def solved(step, cost, logits):
@@ -98,7 +103,14 @@ def model_case(name: str, model, example, steps: int) -> dict:
 
     _, total_s = timed(
         lambda: align(
-            model, model_b, spec=spec, steps=steps, lr=0.3, init="identity", progress=False, callback=solved
+            model,
+            model_b,
+            spec=spec,
+            lr=0.3,
+            init="identity",
+            progress=False,
+            callback=solved,
+            stopping=Stopping(max_steps=steps),
         )
     )
     (_, sweeps), wm_s = timed(

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from avalanche_rebasin import (
+    Stopping,
     align,
     discover_spec,
     invert_permutation,
@@ -75,7 +76,14 @@ def main() -> None:
     truth = random_permutation(spec, g)
     start = time.perf_counter()
     # from the identity, so that Sinkhorn does the work (align starts from weight matching by default)
-    found = align(model, permute(model, spec, truth), spec=spec, steps=60, init="identity", progress=False)
+    found = align(
+        model,
+        permute(model, spec, truth),
+        spec=spec,
+        init="identity",
+        progress=False,
+        stopping=Stopping(max_steps=60),
+    )
     wrong = sum(int((found.permutations[k] != v).sum()) for k, v in invert_permutation(truth).items())
     print(
         f"   units assigned wrongly: {wrong} of {sum(spec.group_sizes.values())} "
@@ -98,7 +106,9 @@ def main() -> None:
     candidates = {
         "naive (no alignment)": lambda: model_b,
         "weight matching": lambda: permute(model_b, spec, weight_matching(model_a, model_b, spec=spec)),
-        "Sinkhorn + C_L2": lambda: align(model_a, model_b, spec=spec, steps=200, progress=False).model,
+        "Sinkhorn + C_L2": lambda: (
+            align(model_a, model_b, spec=spec, progress=False, stopping=Stopping(max_steps=200)).model
+        ),
         "Sinkhorn + C_Mid": lambda: (
             align(
                 model_a,
@@ -106,9 +116,9 @@ def main() -> None:
                 spec=spec,
                 cost="mid",
                 data=batches,
-                steps=200,
                 init="weight_matching",
                 progress=False,
+                stopping=Stopping(max_steps=200),
             ).model
         ),
     }

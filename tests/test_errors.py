@@ -6,6 +6,7 @@ from rebasin_testkit import assert_state_equal, mlp, state_copy
 from torch import nn
 
 from avalanche_rebasin import (
+    Sinkhorn,
     UnsupportedOperationError,
     align,
     discover_spec,
@@ -24,7 +25,7 @@ def test_different_architectures_are_rejected():
 def test_nonpositive_temperature_is_rejected():
     a, b = mlp(2), mlp(2)
     with pytest.raises(ValueError, match="tau"):
-        align(a, b, example_input=torch.randn(2, 20), tau=0.0, progress=False)
+        align(a, b, example_input=torch.randn(2, 20), progress=False, solver=Sinkhorn(tau=0.0))
 
 
 def test_nan_weights_are_rejected_and_models_kept():

@@ -17,6 +17,8 @@ from test_strategy import _benchmark, _evaluator, _strategy
 from torch import nn
 
 from avalanche_rebasin import (
+    Sinkhorn,
+    Stopping,
     align,
     atomic_save_checkpoint,
     discover_spec,
@@ -303,24 +305,25 @@ def test_align_solves_half_precision_models_in_float32():
         assert all(torch.equal(half.permutations[g], full.permutations[g]) for g in full.permutations)
         assert half.model.state_dict()["0.weight"].dtype == dtype and _same(_state(b), before)
         data = [(x.to(dtype), torch.randint(0, 4, (32,)))]
-        mid = align(a, b, spec=spec, cost="mid", data=data, steps=3, progress=False)
+        mid = align(a, b, spec=spec, cost="mid", data=data, progress=False, stopping=Stopping(max_steps=3))
         assert all(torch.isfinite(torch.tensor(mid.history)))
 
 
 @pytest.mark.parametrize(
     "call, name",
     [
-        (lambda a, b, x: align(a, b, example_input=x, steps=2.5), "steps"),
-        (lambda a, b, x: align(a, b, example_input=x, n_iter="20"), "n_iter"),
+        (lambda a, b, x: align(a, b, example_input=x, stopping=Stopping(max_steps=2.5)), "max_steps"),
+        (lambda a, b, x: align(a, b, example_input=x, solver=Sinkhorn(n_iter="20")), "n_iter"),
         (lambda a, b, x: align(a, b, example_input=x, lr=None), "lr"),
-        (lambda a, b, x: align(a, b, example_input=x, patience=1.5), "patience"),
+        (lambda a, b, x: align(a, b, example_input=x, stopping=Stopping(patience=1.5)), "patience"),
         (lambda a, b, x: align(a, b, example_input=x, seed=True), "seed"),
         (lambda a, b, x: weight_matching(a, b, example_input=x, max_iter=2.5), "max_iter"),
     ],
 )
 def test_numeric_arguments_of_the_wrong_type_are_named(call, name):
-    a, b = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), nn.Sequential(
-        nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)
+    a, b = (
+        nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
+        nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
     )
     with pytest.raises(TypeError, match=rf"^{name} must be"):
         call(a, b, torch.randn(2, 4))

@@ -20,7 +20,7 @@ from test_strategy import N_CLASSES, _benchmark, _evaluator
 from torch import nn
 
 import avalanche_rebasin.avalanche.interpolation_plugin as plugin_module
-from avalanche_rebasin import align, discover_spec
+from avalanche_rebasin import Stopping, align, discover_spec
 from avalanche_rebasin.avalanche.compatibility import AFTER_COMMIT
 from avalanche_rebasin.avalanche.interpolation_plugin import InterpolationStrategy
 from avalanche_rebasin.continual.interpolation import alignment_permutations
@@ -120,11 +120,11 @@ def test_align_accepts_a_mask_buffer_and_still_refuses_a_non_finite_weight():
     torch.manual_seed(0)
     a, b = Masked(), Masked()
     spec = discover_spec(a, torch.zeros(1, 16))
-    assert align(a, b, spec=spec, steps=3, progress=False).steps >= 0
+    assert align(a, b, spec=spec, progress=False, stopping=Stopping(max_steps=3)).steps >= 0
     with torch.no_grad():
         b.fc1.weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"model_b has NaN or infinite values in 'fc1\.weight'"):
-        align(a, b, spec=spec, steps=3, progress=False)
+        align(a, b, spec=spec, progress=False, stopping=Stopping(max_steps=3))
 
 
 class WithPReLU(nn.Module):

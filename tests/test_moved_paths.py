@@ -71,3 +71,45 @@ def test_an_object_pickled_under_an_old_path_loads():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         assert pickle.loads(data) == RebasinConfig()
+
+
+def test_release_0_1_align_keywords_warn_and_solve_the_same():
+    from avalanche_rebasin import Sinkhorn, Stopping, align
+
+    torch.manual_seed(0)
+    a, b = (
+        nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)),
+        nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)),
+    )
+    x = torch.randn(2, 3)
+    with pytest.warns(DeprecationWarning, match=r"align\(steps=, tau=, patience=\) is deprecated"):
+        old = align(a, b, example_input=x, steps=5, tau=0.5, patience=None, progress=False, init="random")
+    new = align(
+        a, b, example_input=x, solver=Sinkhorn(tau=0.5), stopping=Stopping(max_steps=5, patience=None),
+        progress=False, init="random",
+    )  # fmt: skip
+    assert old.history == new.history and len(new.history) == 5
+    with pytest.raises(TypeError, match="unexpected keyword argument 'stepz'"):
+        align(a, b, example_input=x, stepz=5)
+    with pytest.raises(TypeError, match="solver must be a Sinkhorn"):
+        align(a, b, example_input=x, solver=0.5)
+
+
+def test_renamed_convergence_flags_warn():
+    from avalanche_rebasin import Sinkhorn
+
+    out = Sinkhorn().solve(torch.randn(4, 4))
+    with pytest.warns(DeprecationWarning, match="read balanced"):
+        assert out.converged == out.balanced
+
+
+def test_old_paths_never_shadow_the_package_functions():
+    for old in MOVED_MODULES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            importlib.import_module(f"avalanche_rebasin.{old}")
+    assert callable(avalanche_rebasin.align) and callable(avalanche_rebasin.permute)
+    assert not any(
+        hasattr(avalanche_rebasin, name) and not callable(getattr(avalanche_rebasin, name))
+        for name in ("align", "permute", "interpolate", "lmc_curve")
+    )

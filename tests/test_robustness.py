@@ -7,7 +7,7 @@ import torch
 from rebasin_testkit import assert_state_equal, mlp, state_copy
 from torch import nn
 
-from avalanche_rebasin import PermutationSpec, align, discover_spec, weight_matching
+from avalanche_rebasin import PermutationSpec, Stopping, align, discover_spec, weight_matching
 from avalanche_rebasin.alignment.lmc import interpolate, lmc_curve, reestimate_batchnorm
 from avalanche_rebasin.core.sinkhorn import sinkhorn
 
@@ -145,7 +145,7 @@ def test_models_without_parameters_give_identity_and_bn_reestimation_works(make)
 def test_bad_callable_cost_is_named(cost, error, message):
     a, b, spec = _pair()
     with pytest.raises(error, match=rf"cost <lambda>.*{message}"):
-        align(a, b, spec=spec, cost=cost, data=_data(), steps=3, progress=False)
+        align(a, b, spec=spec, cost=cost, data=_data(), progress=False, stopping=Stopping(max_steps=3))
 
 
 # -- 7: data for the data costs ------------------------------------------------------------------
@@ -155,18 +155,22 @@ def test_bad_callable_cost_is_named(cost, error, message):
 def test_empty_data_is_refused_up_front(data):
     a, b, spec = _pair()
     with pytest.raises(ValueError, match=r"data (is empty|yielded no batches).*at least one"):
-        align(a, b, spec=spec, cost="mid", data=data, steps=5, progress=False)
+        align(a, b, spec=spec, cost="mid", data=data, progress=False, stopping=Stopping(max_steps=5))
 
 
 @pytest.mark.parametrize("cost", ["mid", "rnd"])
 def test_one_shot_data_shorter_than_steps_stops_cleanly(cost):
     a, b, spec = _pair()
     with pytest.warns(UserWarning, match="data ran out after 2 of 50 steps"):
-        result = align(a, b, spec=spec, cost=cost, data=iter(_data(2)), steps=50, progress=False)
+        result = align(
+            a, b, spec=spec, cost=cost, data=iter(_data(2)), progress=False, stopping=Stopping(max_steps=50)
+        )
     assert result.steps == 2 and result.data_exhausted
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        cycled = align(a, b, spec=spec, cost=cost, data=_data(2), steps=5, progress=False)
+        cycled = align(
+            a, b, spec=spec, cost=cost, data=_data(2), progress=False, stopping=Stopping(max_steps=5)
+        )
     assert cycled.steps == 5 and not cycled.data_exhausted
 
 
@@ -223,8 +227,8 @@ def test_entry_points_leave_self_mutating_models_bit_identical():
     spec = discover_spec(a, data[0][0])  # discovery must not run the model itself
     assert_state_equal(a, before_a)
     assert spec.axes["emb.weight"][1] is not None and spec.axes["fc1.weight"][0] is not None
-    align(a, b, spec=spec, steps=2, progress=False)
-    align(a, b, spec=spec, cost="mid", data=data, steps=2, progress=False)
+    align(a, b, spec=spec, progress=False, stopping=Stopping(max_steps=2))
+    align(a, b, spec=spec, cost="mid", data=data, progress=False, stopping=Stopping(max_steps=2))
     weight_matching(a, b, spec=spec)
     interpolate(a, b, 0.5)(data[0][0])
     lmc_curve(

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from avalanche_rebasin import Sinkhorn, discover_spec, hard_permutation
+from avalanche_rebasin import Sinkhorn, Stopping, discover_spec, hard_permutation
 from avalanche_rebasin.core.sinkhorn import marginal_error, permutation_matrix, sinkhorn
 
 
@@ -117,11 +117,11 @@ def test_solver_object_validates_once_reports_convergence_and_stops_at_its_thres
             Sinkhorn(**bad)
     x = torch.randn(2, 30, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     loose = Sinkhorn(n_iter=500, threshold=1e-3).solve(x)
-    assert loose.converged and loose.marginal_error <= 1e-3
+    assert loose.balanced and loose.marginal_error <= 1e-3
     full = Sinkhorn(n_iter=500).solve(x)
     assert full.marginal_error < loose.marginal_error  # the threshold stopped the first one early
     short = Sinkhorn(n_iter=1).solve(x * 20)
-    assert not short.converged
+    assert not short.balanced
 
 
 def test_align_takes_a_configured_solver_and_reports_whether_it_converged():
@@ -134,8 +134,20 @@ def test_align_takes_a_configured_solver_and_reports_whether_it_converged():
     model, x = mlp(2, width=8), torch.randn(2, 20)
     spec = discover_spec(model, x)
     permuted = permute(model, spec, random_permutation(spec, torch.Generator().manual_seed(0)))
-    run = dict(spec=spec, progress=False, stop_at_zero_cost=False)  # a permuted copy: zero cost at step 0
-    result = align(model, permuted, sinkhorn=Sinkhorn(tau=1.0, n_iter=50, threshold=1e-6), **run)
-    assert result.steps > 0 and result.sinkhorn_converged and result.marginal_error <= 1e-6
-    starved = align(model, permuted, sinkhorn=Sinkhorn(n_iter=1), steps=3, patience=None, **run)
-    assert starved.steps == 3 and starved.marginal_error > 1e-3 and not starved.sinkhorn_converged
+    run = dict(spec=spec, progress=False)  # a permuted copy: zero cost at step 0, so at_zero_cost=False
+    result = align(
+        model,
+        permuted,
+        **run,
+        solver=Sinkhorn(tau=1.0, n_iter=50, threshold=1e-6),
+        stopping=Stopping(at_zero_cost=False),
+    )
+    assert result.steps > 0 and result.plans_balanced and result.marginal_error <= 1e-6
+    starved = align(
+        model,
+        permuted,
+        **run,
+        solver=Sinkhorn(n_iter=1),
+        stopping=Stopping(max_steps=3, patience=None, at_zero_cost=False),
+    )
+    assert starved.steps == 3 and starved.marginal_error > 1e-3 and not starved.plans_balanced

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from avalanche_rebasin import (
+    Stopping,
     align,
     discover_spec,
     permute,
@@ -64,7 +65,9 @@ def test_weight_matching_and_sinkhorn_recover_a_hidden_permutation(name):
     assert all(
         torch.equal(a, b) for a, b in zip(recovered.state_dict().values(), model.state_dict().values())
     )
-    res = align(model, hidden, spec=spec, cost="l2", init="identity", steps=300, progress=False)
+    res = align(
+        model, hidden, spec=spec, cost="l2", init="identity", progress=False, stopping=Stopping(max_steps=300)
+    )
     recovered = permute(hidden, spec, res.permutations)
     assert all(
         torch.equal(a, b) for a, b in zip(recovered.state_dict().values(), model.state_dict().values())

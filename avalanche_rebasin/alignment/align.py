@@ -9,6 +9,7 @@ permutation ``argmax_P Σ ⟨P, X⟩`` (linear assignment on the logits), which 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 import warnings
@@ -28,7 +29,7 @@ from ..core.sinkhorn import Sinkhorn, marginal_error, permutation_matrix
 from ..core.spec import PermutationSpec
 from ..core.state import LossFn, model_state, private_copy
 from ..core.validation import check_integer, check_real
-from .convergence import Convergence, ZeroCost, greedy_permutations
+from .convergence import Convergence, Stopping, ZeroCost, greedy_permutations
 from .inputs import batch_stream, check_compatible, resolve_spec
 from .matching import weight_matching_state
 
@@ -49,16 +50,17 @@ class AlignResult:
         logits: the learned logits per group.
         history: cost after every optimisation step.
         steps, seconds: optimisation steps taken and wall time.
-        marginal_error: Sinkhorn's last marginal error (how converged the forward was);
-            ``sinkhorn_converged``: within the solver's threshold (1e-3 by default), where
+        marginal_error: the last plans' marginal error ``max |P·1 − 1|, |Pᵀ·1 − 1|``;
+            ``plans_balanced``: within the solver's threshold (1e-3 by default), where
             the implicit gradient is exact. ``None`` and ``True`` when no Sinkhorn step ran
             (``steps == 0``: the start was already optimal, or there is nothing to permute).
         data_exhausted: True when a one-shot ``data`` iterator ran out before ``steps``
             (the optimisation then stopped early, after ``steps`` steps).
-        stop_reason: ``"optimal"`` (a weight cost reached zero, see ``stop_at_zero_cost``, or
-            nothing to permute),
-            ``"converged"`` (the hard permutation stopped changing, see ``patience``),
-            ``"max_steps"``, ``"callback"`` or ``"data_exhausted"``.
+        stop_reason: ``"optimal"`` (a weight cost reached zero, see
+            :attr:`Stopping.at_zero_cost`, or nothing to permute), ``"converged"`` (the
+            hard permutation stopped changing, see :attr:`Stopping.patience`),
+            ``"max_steps"``, ``"callback"`` or ``"data_exhausted"``; ``converged`` is True
+            for the first two.
     """
 
     permutations: dict[str, Tensor]
@@ -71,11 +73,22 @@ class AlignResult:
     marginal_error: float | None = None
     data_exhausted: bool = False
     stop_reason: str = "max_steps"
-    sinkhorn_converged: bool = True
+    plans_balanced: bool = True
 
     @property
     def converged(self) -> bool:
+        """Whether the optimisation stopped at a fixed point (``"converged"`` or ``"optimal"``)."""
         return self.stop_reason in ("converged", "optimal")
+
+    @property
+    def sinkhorn_converged(self) -> bool:
+        """Deprecated name of :attr:`plans_balanced`."""
+        warnings.warn(
+            "AlignResult.sinkhorn_converged is deprecated; read plans_balanced.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.plans_balanced
 
 
 def _make_cost(
@@ -215,19 +228,14 @@ def align(
     cost: CostName | Cost = "l2",
     data: Iterable | None = None,
     loss_fn: LossFn | None = None,
-    steps: int = 100,
     lr: float = 0.3,
-    tau: float = 1.0,
-    n_iter: int = 20,
     init: Init = "weight_matching",
-    sinkhorn_backward: Literal["implicit", "unrolled"] = "implicit",
-    sinkhorn: Sinkhorn | None = None,
+    solver: Sinkhorn | None = None,
+    stopping: Stopping | None = None,
     seed: int = 0,
     progress: bool = True,
     callback: Callable[[int, float, PermutationLogits], bool | None] | None = None,
-    patience: int | None = 5,
-    rtol: float = 1e-3,
-    stop_at_zero_cost: bool = True,
+    **deprecated: Any,
 ) -> AlignResult:
     """Find permutations that bring ``model_b`` into ``model_a``'s basin.
 
@@ -237,22 +245,18 @@ def align(
         cost: ``"l2"`` (default), ``"l1"``, ``"cosine"``, ``"mid"``, ``"rnd"`` or a callable
             ``cost(theta_a, theta_b_permuted, batch)``; data costs read batches
             ``(x, y)`` from ``data``, cycling through it.
-        steps, lr: at most ``steps`` Adam steps on the logits, and their learning rate.
-        tau, n_iter, sinkhorn_backward: Sinkhorn temperature, iterations and backward mode,
-            or ``sinkhorn=Sinkhorn(...)``, a configured solver (its settings win).
+        lr: the learning rate of Adam on the logits.
         init: logits start at the weight-matching solution (default: a warm start that
             is exact for a permuted copy), at the identity, or at random.
+        solver: the Sinkhorn operator (default ``Sinkhorn()``: τ = 1, 20 iterations,
+            implicit backward).
+        stopping: when to stop (default ``Stopping()``: at most 100 steps, patience 5,
+            and at zero cost for ``"l2"``/``"l1"``); see :class:`Stopping`.
         callback: called as ``callback(step, cost, logits)`` after every step; returning
             True stops the optimisation early (e.g. once ``logits.hard()`` is right).
-        patience, rtol: stop once the hard permutation has not changed for ``patience``
-            steps and the cost did not rise over them by more than ``rtol`` times the first
-            cost (``result.stop_reason == "converged"``); ``steps`` is then only a cap.
-            ``patience=None`` always runs ``steps`` steps.
-        stop_at_zero_cost: with ``cost="l2"`` or ``"l1"`` (never negative), stop as soon as
-            the hard permutation gives zero cost up to round-off — ``π(θ_B) = θ_A``, a
-            global optimum — checked before the first step (a weight-matching start may
-            already be it: ``steps == 0``) and whenever the permutation changes
-            (``stop_reason == "optimal"``).
+        deprecated: release 0.1's ``steps``, ``patience``, ``rtol``, ``stop_at_zero_cost``
+            (now ``stopping``) and ``tau``, ``n_iter``, ``sinkhorn_backward``, ``sinkhorn``
+            (now ``solver``), with a ``DeprecationWarning``, for one release.
 
     Data: a re-iterable ``data`` (list, DataLoader) is cycled; a one-shot iterator
     (generator) is read once, and if it runs out first the optimisation stops there
@@ -261,13 +265,13 @@ def align(
     parameters): returns identity permutations and a copy of ``model_b``, ``steps == 0``.
 
     Neither model is modified. Raises ``ValueError`` for mismatched architectures,
-    non-finite weights, ``tau <= 0``, a data cost without data or with empty data, and
+    non-finite weights, a data cost without data or with empty data, and
     ``TypeError``/``ValueError`` if a callable cost's first value is not a scalar tensor
     that depends on the permuted state.
     """
-    _check_numbers(steps=steps, lr=lr, tau=tau, n_iter=n_iter, seed=seed, patience=patience, rtol=rtol)
-    solver = sinkhorn if sinkhorn is not None else Sinkhorn(tau, n_iter, backward=sinkhorn_backward)
-    convergence = Convergence(patience, rtol)
+    solver, stopping = _release_0_1_settings(solver, stopping, deprecated)
+    check_integer("seed", seed, 0)
+    check_real("lr", lr, 0, strict=True)
     spec = resolve_spec(model_a, spec, example_input)
     check_compatible(model_a, model_b, spec)
     theta_a, theta_b = model_state(model_a), model_state(model_b)
@@ -288,14 +292,14 @@ def align(
         spec, _initial_logits(spec, init, theta_a, theta_b, keys, generator, ref.device, work)
     )
     b_subset = theta_b if needs_data else {k: theta_b[k] for k in keys}
-    lower_bounded = stop_at_zero_cost and isinstance(cost, str) and cost in ("l2", "l1")
+    lower_bounded = stopping.at_zero_cost and isinstance(cost, str) and cost in ("l2", "l1")
     zero_cost = ZeroCost(cost_fn, theta_a, b_subset, spec) if lower_bounded else None
-    loop = _Loop(logits, torch.optim.Adam(logits.parameters(), lr=lr), convergence, zero_cost)
+    loop = _Loop(logits, torch.optim.Adam(logits.parameters(), lr=lr), Convergence(stopping), zero_cost)
     start = time.perf_counter()
     plans, reason = loop.run(
         lambda plans, batch: cost_fn(theta_a, soft_permute_state(b_subset, spec, plans), batch),
         batches,
-        steps,
+        stopping.max_steps,
         solver,
         cost,
         callback,
@@ -305,17 +309,48 @@ def align(
 
 
 HALF_TYPES = (torch.float16, torch.bfloat16)
+_OLD_SOLVER_KEYWORDS = {"tau": "tau", "n_iter": "n_iter", "sinkhorn_backward": "backward"}
+_OLD_STOPPING_KEYWORDS = {
+    "steps": "max_steps",
+    "patience": "patience",
+    "rtol": "rtol",
+    "stop_at_zero_cost": "at_zero_cost",
+}
 
 
-def _check_numbers(**values: Any) -> None:
-    """Each numeric argument of :func:`align` of the right type and range, named if not."""
-    for name in ("steps", "seed"):
-        check_integer(name, values[name], 0)
-    check_integer("n_iter", values["n_iter"], 1)
-    check_integer("patience", values["patience"], 1, optional=True)
-    for name in ("lr", "tau"):
-        check_real(name, values[name], 0, strict=True)
-    check_real("rtol", values["rtol"], 0)
+def _release_0_1_settings(
+    solver: Sinkhorn | None, stopping: Stopping | None, old: dict[str, Any]
+) -> tuple[Sinkhorn, Stopping]:
+    """``solver`` and ``stopping`` (their defaults if None) with release 0.1's keywords of
+    :func:`align` folded in, with a ``DeprecationWarning``; an unknown keyword is a ``TypeError``."""
+    known = {*_OLD_SOLVER_KEYWORDS, *_OLD_STOPPING_KEYWORDS, "sinkhorn"}
+    unknown = sorted(set(old) - known)
+    if unknown:
+        raise TypeError(f"align() got an unexpected keyword argument {unknown[0]!r}.")
+    if old:
+        warnings.warn(
+            f"align({', '.join(f'{k}=' for k in old)}) is deprecated and goes in the next release; "
+            "pass solver=Sinkhorn(tau=..., n_iter=..., backward=...) and "
+            "stopping=Stopping(max_steps=..., patience=..., rtol=..., at_zero_cost=...).",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    if "sinkhorn" in old:
+        if solver is not None:
+            raise TypeError("align(): pass the solver once, as solver= (sinkhorn= is its old name).")
+        solver = old["sinkhorn"]  # its settings win over tau/n_iter/sinkhorn_backward, as in 0.1
+    elif any(k in old for k in _OLD_SOLVER_KEYWORDS):
+        changes = {new: old[k] for k, new in _OLD_SOLVER_KEYWORDS.items() if k in old}
+        solver = dataclasses.replace(solver or Sinkhorn(), **changes)
+    stopping = stopping or Stopping()
+    if any(k in old for k in _OLD_STOPPING_KEYWORDS):
+        changes = {new: old[k] for k, new in _OLD_STOPPING_KEYWORDS.items() if k in old}
+        stopping = dataclasses.replace(stopping, **changes)
+    if not isinstance(solver or Sinkhorn(), Sinkhorn):
+        raise TypeError(f"align(): solver must be a Sinkhorn, got {type(solver).__name__}.")
+    if not isinstance(stopping, Stopping):
+        raise TypeError(f"align(): stopping must be a Stopping, got {type(stopping).__name__}.")
+    return solver or Sinkhorn(), stopping
 
 
 def _working_dtype(theta: Mapping[str, Tensor], keys: list[str]) -> torch.dtype:
@@ -344,7 +379,7 @@ def _result(
         steps=len(history),
         seconds=seconds,
         marginal_error=error,
-        sinkhorn_converged=error is None or solver.converged(error),
+        plans_balanced=error is None or solver.balanced(error),
         data_exhausted=reason == "data_exhausted",
         stop_reason=reason,
     )

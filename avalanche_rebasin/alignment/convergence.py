@@ -15,6 +15,7 @@ optimum that no further step can improve: :class:`ZeroCost` detects it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -22,8 +23,9 @@ from torch import Tensor
 from ..core.blocks import diagonal_blocks
 from ..core.permute import permute_state
 from ..core.spec import PermutationSpec
+from ..core.validation import check_bool, check_integer, check_real
 
-__all__ = ["Convergence", "ZeroCost", "greedy_permutations"]
+__all__ = ["Convergence", "Stopping", "ZeroCost", "greedy_permutations"]
 
 ZERO_RTOL = 1e-12  # "zero": at most this times the cost against a zero network (round-off)
 
@@ -45,15 +47,38 @@ def greedy_permutations(logits: Mapping[str, Tensor], blocks: Mapping[str, int])
     return torch.cat(indices), torch.stack(valid).all()
 
 
+@dataclass(frozen=True)
+class Stopping:
+    """When an alignment stops, validated once.
+
+    Attributes:
+        max_steps: at most this many optimisation steps (0: return the initial permutation).
+        patience, rtol: stop once the hard permutation has not changed for ``patience``
+            steps and the cost did not rise over them by more than ``rtol`` times the first
+            cost (``stop_reason == "converged"``); ``patience=None`` never stops early.
+        at_zero_cost: with a weight cost (``"l2"``, ``"l1"``: never negative), stop as soon
+            as the hard permutation gives zero cost up to round-off, ``π(θ_B) = θ_A``, a
+            global optimum, checked before the first step and whenever the permutation
+            changes (``stop_reason == "optimal"``).
+    """
+
+    max_steps: int = 100
+    patience: int | None = 5
+    rtol: float = 1e-3
+    at_zero_cost: bool = True
+
+    def __post_init__(self) -> None:
+        check_integer("max_steps", self.max_steps, 0)
+        check_integer("patience", self.patience, 1, optional=True)
+        check_real("rtol", self.rtol, 0)
+        check_bool("at_zero_cost", self.at_zero_cost)
+
+
 class Convergence:
     """Tracks the hard permutation and the cost; ``update`` says when to stop."""
 
-    def __init__(self, patience: int | None, rtol: float) -> None:
-        if patience is not None and patience < 1:
-            raise ValueError(f"patience must be >= 1 or None (never stop early), got {patience!r}.")
-        if not rtol >= 0:
-            raise ValueError(f"rtol must be >= 0, got {rtol!r}.")
-        self.patience, self.rtol = patience, rtol
+    def __init__(self, stopping: Stopping) -> None:
+        self.patience, self.rtol = stopping.patience, stopping.rtol
         self.costs: list[float] = []
         self.previous: Tensor | None = None
         self.stable = 0

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from ..alignment.align import align
+from ..alignment import Stopping, align
 from ..alignment.matching import activation_matching, weight_matching
 from ..core.permute import identity_permutation, permute_state
 from ..core.spec import PermutationSpec
@@ -90,8 +90,8 @@ def alignment_permutations(
             return functional_loss(reference, interpolate_state(a, b, alpha), batch, loss_fn)
 
     result = align(
-        old, new, spec=spec, cost=cost, data=list(data) or None, loss_fn=loss_fn, steps=steps, seed=seed,
-        progress=False,
+        old, new, spec=spec, cost=cost, data=list(data) or None, loss_fn=loss_fn, seed=seed,
+        progress=False, stopping=Stopping(max_steps=steps),
     )  # fmt: skip
     return result.permutations
 

@@ -27,7 +27,7 @@ Memory is ``O(n²)`` whatever the iteration count.
 
 from __future__ import annotations
 
-import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+
+from .validation import check_choice, check_integer, check_real
 
 __all__ = [
     "Sinkhorn",
@@ -49,11 +51,7 @@ BackwardMode = Literal["implicit", "unrolled"]
 LinearSolver = Literal["schur", "cg", "full"]
 
 
-def _check_inputs(logits: Tensor, tau: float, n_iter: int) -> None:
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-        raise ValueError(f"Sinkhorn temperature tau must be a finite number > 0, got {tau!r}.")
-    if int(n_iter) < 1:
-        raise ValueError(f"Sinkhorn needs n_iter >= 1 iterations, got {n_iter!r}.")
+def _check_logits(logits: Tensor) -> None:
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"Sinkhorn expects square logits of shape (..., n, n), got {tuple(logits.shape)}.")
     if not logits.is_floating_point():
@@ -291,39 +289,35 @@ def sinkhorn(
     Raises ``ValueError`` for ``τ ≤ 0``, ``n_iter < 1``, non-finite logits, or
     ``X / τ`` overflowing even float64.
     """
-    _check_inputs(logits, tau, n_iter)
-    work_dtype, peak = _work_dtype(logits, float(tau))
-    if backward == "unrolled":
-        return _log_sinkhorn(logits.to(work_dtype) / tau, int(n_iter), threshold).exp().to(logits.dtype)
-    if backward != "implicit":
-        raise ValueError(f"backward must be 'implicit' or 'unrolled', got {backward!r}.")
-    if linear_solver not in ("schur", "cg", "full"):
-        raise ValueError(f"linear_solver must be 'schur', 'cg' or 'full', got {linear_solver!r}.")
-    n = logits.shape[-1]
-    ridge = _default_ridge(work_dtype) if ridge is None else float(ridge)
-    cg_iters = cg_max_iter if cg_max_iter is not None else 2 * n
-    return _ImplicitSinkhorn.apply(
-        logits,
-        float(tau),
-        int(n_iter),
-        linear_solver,
-        ridge,
-        int(cg_iters),
-        float(cg_tol),
-        work_dtype,
-        threshold,
-        peak,
+    solver = Sinkhorn(
+        tau,
+        n_iter,
+        backward=backward,
+        linear_solver=linear_solver,
+        ridge=ridge,
+        cg_max_iter=cg_max_iter,
+        cg_tol=cg_tol,
+        threshold=threshold,
     )
+    return solver(logits)
 
 
 @dataclass(frozen=True)
 class SinkhornOutput:
-    """A plan and how far its forward got: ``converged`` once ``marginal_error`` is within
+    """A plan and how far its forward got: ``balanced`` once ``marginal_error`` is within
     the solver's ``threshold`` (1e-3 when none is set); the implicit gradient is exact there."""
 
     plan: Tensor
     marginal_error: float
-    converged: bool
+    balanced: bool
+
+    @property
+    def converged(self) -> bool:
+        """Deprecated name of :attr:`balanced`."""
+        warnings.warn(
+            "SinkhornOutput.converged is deprecated; read balanced.", DeprecationWarning, stacklevel=2
+        )
+        return self.balanced
 
 
 @dataclass(frozen=True)
@@ -345,38 +339,48 @@ class Sinkhorn:
     threshold: float | None = None
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.tau) and self.tau > 0):
-            raise ValueError(f"Sinkhorn temperature tau must be a finite number > 0, got {self.tau!r}.")
-        if isinstance(self.n_iter, bool) or not isinstance(self.n_iter, int) or self.n_iter < 1:
-            raise ValueError(f"Sinkhorn needs an integer n_iter >= 1, got {self.n_iter!r}.")
-        if self.backward not in ("implicit", "unrolled"):
-            raise ValueError(f"backward must be 'implicit' or 'unrolled', got {self.backward!r}.")
-        if self.linear_solver not in ("schur", "cg", "full"):
-            raise ValueError(f"linear_solver must be 'schur', 'cg' or 'full', got {self.linear_solver!r}.")
-        if self.threshold is not None and not self.threshold > 0:
-            raise ValueError(f"threshold must be > 0 or None, got {self.threshold!r}.")
+        check_real("tau", self.tau, 0, strict=True)
+        check_integer("n_iter", self.n_iter, 1)
+        check_choice("backward", self.backward, ("implicit", "unrolled"))
+        check_choice("linear_solver", self.linear_solver, ("schur", "cg", "full"))
+        if self.ridge is not None:
+            check_real("ridge", self.ridge, 0)
+        check_integer("cg_max_iter", self.cg_max_iter, 1, optional=True)
+        check_real("cg_tol", self.cg_tol, 0, strict=True)
+        if self.threshold is not None:
+            check_real("threshold", self.threshold, 0, strict=True)
 
     def __call__(self, logits: Tensor) -> Tensor:
-        return sinkhorn(
+        """The plan ``Sinkhorn(X / τ)`` of square logits ``(..., n, n)`` (see :func:`sinkhorn`)."""
+        _check_logits(logits)
+        tau, n_iter = float(self.tau), int(self.n_iter)
+        work_dtype, peak = _work_dtype(logits, tau)
+        if self.backward == "unrolled":
+            return _log_sinkhorn(logits.to(work_dtype) / tau, n_iter, self.threshold).exp().to(logits.dtype)
+        n = logits.shape[-1]
+        ridge = _default_ridge(work_dtype) if self.ridge is None else float(self.ridge)
+        cg_iters = self.cg_max_iter if self.cg_max_iter is not None else 2 * n
+        return _ImplicitSinkhorn.apply(
             logits,
-            self.tau,
-            self.n_iter,
-            backward=self.backward,
-            linear_solver=self.linear_solver,
-            ridge=self.ridge,
-            cg_max_iter=self.cg_max_iter,
-            cg_tol=self.cg_tol,
-            threshold=self.threshold,
+            tau,
+            n_iter,
+            self.linear_solver,
+            ridge,
+            int(cg_iters),
+            float(self.cg_tol),
+            work_dtype,
+            self.threshold,
+            peak,
         )
 
-    def converged(self, error: float) -> bool:
-        """Whether a marginal error is within ``threshold`` (1e-3 when none is set)."""
+    def balanced(self, error: float) -> bool:
+        """Whether a plan's marginal error is within ``threshold`` (1e-3 when none is set)."""
         return error <= (self.threshold or 1e-3)
 
     def solve(self, logits: Tensor) -> SinkhornOutput:
         plan = self(logits)
         error = marginal_error(plan)
-        return SinkhornOutput(plan, error, self.converged(error))
+        return SinkhornOutput(plan, error, self.balanced(error))
 
 
 def marginal_error(plan: Tensor) -> float:

@@ -11,7 +11,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["check_finite", "check_integer", "check_real"]
+__all__ = [
+    "ArgumentTypeError",
+    "check_bool", "check_choice", "check_finite", "check_integer", "check_real"]
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type. A ``TypeError``, and a ``ValueError`` as well, since
+    some settings (the Sinkhorn solver's, Re-basin's) reported every bad value as one."""
 
 
 def check_integer(name: str, value: Any, low: int, *, optional: bool = False) -> None:
@@ -21,7 +28,8 @@ def check_integer(name: str, value: Any, low: int, *, optional: bool = False) ->
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         none = " or None" if optional else ""
-        raise TypeError(f"{name} must be an integer >= {low}{none}, got {value!r} ({type(value).__name__}).")
+        kind = type(value).__name__
+        raise ArgumentTypeError(f"{name} must be an integer >= {low}{none}, got {value!r} ({kind}).")
     if value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
 
@@ -31,10 +39,23 @@ def check_real(name: str, value: Any, low: float | None = None, *, strict: bool 
     is finite and, given ``low``, ``> low`` (``strict``) or ``>= low``; both name the argument."""
     rule = "a finite number" + ("" if low is None else f" {'>' if strict else '>='} {low:g}")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be {rule}, got {value!r} ({type(value).__name__}).")
+        raise ArgumentTypeError(f"{name} must be {rule}, got {value!r} ({type(value).__name__}).")
     below = low is not None and (value <= low if strict else value < low)
     if not math.isfinite(value) or below:
         raise ValueError(f"{name} must be {rule}, got {value!r}.")
+
+
+def check_choice(name: str, value: Any, choices: Collection[Any]) -> None:
+    """``ValueError`` unless ``value`` is one of ``choices``, listing them."""
+    if not any(value == c and type(value) is type(c) for c in choices):
+        listed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {listed}, got {value!r}.")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """``TypeError`` unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
 
 
 def check_finite(state: Mapping[str, Tensor], label: str, masks: Collection[str] = ()) -> None:
