@@ -135,7 +135,7 @@ def _interpolation(ctx: Context, kw: dict[str, Any]) -> SupervisedTemplate:
 
 
 def _rebasin_settings() -> tuple[str, ...]:
-    return tuple(sorted(set(RebasinConfig.field_names()) - set(RESERVED_OVERRIDES)))
+    return tuple(sorted(set(RebasinConfig.setting_names()) - {"sinkhorn"} - set(RESERVED_OVERRIDES)))
 
 
 STRATEGIES: dict[str, StrategyEntry] = {

@@ -90,7 +90,7 @@ def _refused(argv: list[str], tmp_path: Path, capsys) -> str:
         ("rebasin:consistent+train_mb_size=10", "unknown setting 'train_mb_size'"),
         ("rebasin+alpha=abc", "alpha must be a number in [0, 1], got 'abc'"),
         ("rebasin-nopermute+alpha=2", "alpha must be a number in [0, 1], got 2"),
-        ("rebasin+sinkhorn_iters=0.5", "sinkhorn_iters must be an integer >= 1"),
+        ("rebasin+n_iter=0.5", "n_iter must be an integer >= 1"),
         ("rebasin+alpha", "is not key=value"),
         ("interp+alpha=1e+0", "numbers are written without one: 1e0"),
         ("rebasin+alpha=0.1+alpha=0.2", "'alpha' is set twice"),

@@ -137,7 +137,7 @@ def test_alpha_zero_and_frozen_zero_delta_leave_model_unchanged():
         ({"tau": -2.0}, "tau"),
         ({"rebasin_epochs": 0}, "rebasin_epochs"),
         ({"train_epochs": 0}, "train_epochs"),
-        ({"sinkhorn_iters": 0}, "sinkhorn_iters"),
+        ({"n_iter": 0}, "n_iter"),
         ({"delta_clip": 0.0}, "delta_clip"),
         ({"train_alpha": 1.5}, "train_alpha"),
         ({"tau_final": 0.0}, "tau_final"),

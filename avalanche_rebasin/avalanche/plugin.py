@@ -83,7 +83,7 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignor
         super().__init__()
         if config is not None and settings:
             raise TypeError("RebasinPlugin: pass either config= or its fields as keywords, not both.")
-        self.config = config if config is not None else RebasinConfig(**settings)
+        self.config = config if config is not None else RebasinConfig.from_settings(**settings)
         self.spec = spec
         self.trained_tasks = 0
         self.reports: list[ExperienceReport] = []

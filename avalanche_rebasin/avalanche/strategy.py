@@ -8,7 +8,6 @@ file beside the target and moved over it (a kill mid-save keeps the previous che
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import os
 import tempfile
@@ -23,6 +22,7 @@ from torch import nn
 
 from ..continual.config import PRESETS, RebasinConfig
 from ..continual.rebasin import ExperienceReport
+from ..core.sinkhorn import Sinkhorn
 from ..core.spec import PermutationSpec
 from .checkpointing import (
     _OptimizerSnapshot,  # noqa: F401  (checkpoints pickled before it moved)
@@ -101,7 +101,7 @@ class RebasinStrategy(SupervisedTemplate):
         plugins: Sequence[Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        fields = set(RebasinConfig.field_names())
+        fields = set(RebasinConfig.setting_names())
         settings = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
         epochs = kwargs.get("train_epochs", 1)
         if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1):
@@ -167,14 +167,15 @@ def atomic_save_checkpoint(
 
 
 def _declare_config_keywords(cls: type) -> None:
-    """Show :class:`RebasinConfig`'s fields as keyword-only arguments of ``cls.__init__``
-    (Avalanche rejects keywords that no ``__init__`` signature declares)."""
+    """Show the settings :meth:`RebasinConfig.from_settings` takes as keyword-only arguments
+    of ``cls.__init__`` (Avalanche rejects keywords that no ``__init__`` signature declares)."""
     init = vars(cls)["__init__"]
     signature = inspect.signature(init)
     params = list(signature.parameters.values())
+    defaults = {**vars(RebasinConfig()), **vars(Sinkhorn())}
     fields = [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
-        for f in dataclasses.fields(RebasinConfig)
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults[name])
+        for name in RebasinConfig.setting_names()
     ]
     init.__signature__ = signature.replace(parameters=[*params[:-1], *fields, params[-1]])
 

@@ -19,8 +19,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from ..core.sinkhorn import Sinkhorn
 
 __all__ = ["PRESETS", "RebasinConfig"]
 
@@ -52,8 +55,9 @@ class RebasinConfig:
         train_alpha: share ``a`` of ``π_P(θ)`` in the network trained at each step,
             ``(1 − a)θ + aπ_P(θ) + δ``, in [0, 1] (paper: 0.5; None: same as ``alpha``).
         beta: weight of ``‖δ‖²`` (the published weight decay 0.1 on δ is β = 0.05).
-        tau, sinkhorn_iters: Sinkhorn temperature (> 0) and iterations (≥ 1).
-        tau_final: anneal τ geometrically to this value over each experience's steps.
+        sinkhorn: the Sinkhorn operator of the plans (default: τ = 1, 20 iterations).
+        tau_final: anneal ``sinkhorn.tau`` geometrically to this value over each
+            experience's steps.
         straight_through: forward with the hard ``P̂``, backward through the soft plan.
         perm_lr, perm_init_noise: Adam lr of the logits; std of their initial noise.
         perm_init: ``"identity"`` (``X = I + noise``) or ``"similarity"`` (``X`` = cosine
@@ -75,9 +79,8 @@ class RebasinConfig:
     alpha: float = 0.2
     train_alpha: float | None = 0.5
     beta: float = 0.05
-    tau: float = 1.0
+    sinkhorn: Sinkhorn = field(default_factory=Sinkhorn)
     tau_final: float | None = None
-    sinkhorn_iters: int = 20
     straight_through: bool = False
     perm_lr: float = 0.1
     perm_init_noise: float = 0.1
@@ -94,6 +97,8 @@ class RebasinConfig:
     diagnostic_samples: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.sinkhorn, Sinkhorn):
+            raise TypeError(f"Re-basin: sinkhorn must be a Sinkhorn, got {type(self.sinkhorn).__name__}.")
         _validate(self)
         if self.train_alpha is None:
             object.__setattr__(self, "train_alpha", self.alpha)
@@ -105,15 +110,37 @@ class RebasinConfig:
                 object.__setattr__(self, f.name, int(value))
 
     @classmethod
+    def from_settings(cls, **settings: Any) -> RebasinConfig:
+        """A config from keyword settings, as strategies take them: its fields, and the
+        Sinkhorn operator's ``tau`` and ``n_iter``, which fill ``sinkhorn``."""
+        if "sinkhorn_iters" in settings:
+            warnings.warn(
+                "Re-basin: sinkhorn_iters is deprecated; it is the Sinkhorn operator's n_iter.",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            settings["n_iter"] = settings.pop("sinkhorn_iters")
+        operator = {k: settings.pop(k) for k in SINKHORN_SETTINGS if k in settings}
+        if operator:
+            base = settings.pop("sinkhorn", Sinkhorn())
+            settings["sinkhorn"] = dataclasses.replace(base, **operator)
+        return cls(**settings)
+
+    @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> RebasinConfig:
-        """``PRESETS[name]`` with ``overrides`` on top."""
+        """``PRESETS[name]`` with ``overrides`` (see :meth:`from_settings`) on top."""
         if name not in PRESETS:
             raise ValueError(f"unknown Re-basin preset {name!r}; choose one of {sorted(PRESETS)}.")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls.from_settings(**{**PRESETS[name], **overrides})
 
     @staticmethod
-    def field_names() -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(RebasinConfig))
+    def setting_names() -> tuple[str, ...]:
+        """The keywords :meth:`from_settings` takes."""
+        return (*(f.name for f in dataclasses.fields(RebasinConfig)), *SINKHORN_SETTINGS)
+
+
+#: the Sinkhorn operator's settings a strategy also takes as keywords
+SINKHORN_SETTINGS = ("tau", "n_iter")
 
 
 # name → (rule text, check); a None value is allowed only where the rule says so.
@@ -121,7 +148,6 @@ _REALS = {
     "alpha": ("a number in [0, 1]", lambda v: 0 <= v <= 1),
     "train_alpha": ("None or a number in [0, 1]", lambda v: 0 <= v <= 1),
     "beta": ("a number >= 0", lambda v: v >= 0),
-    "tau": ("a number > 0", lambda v: v > 0),
     "tau_final": ("None or a number > 0", lambda v: v > 0),
     "perm_lr": ("a number > 0", lambda v: v > 0),
     "perm_init_noise": ("a number >= 0", lambda v: v >= 0),
@@ -130,7 +156,6 @@ _REALS = {
     "delta_init_std": ("a number >= 0", lambda v: v >= 0),
 }
 _INTEGERS = {
-    "sinkhorn_iters": ("an integer >= 1", lambda v: v >= 1),
     "rebasin_epochs": ("None or an integer >= 1", lambda v: v >= 1),
     "rebasin_steps": ("None or an integer >= 1", lambda v: v >= 1),
     "seed": ("an integer >= 0", lambda v: v >= 0),

@@ -13,6 +13,7 @@ group that touches one keeps the identity, so they stay bit-identical.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,16 +146,23 @@ class RebasinNetwork(nn.Module):
     @property
     def tau(self) -> float:
         """τ now: ``tau · (tau_final / tau)^(t / (T − 1))`` when annealed."""
-        c = self.config
-        if c.tau_final is None:
-            return c.tau
+        tau, final = self.config.sinkhorn.tau, self.config.tau_final
+        if final is None:
+            return tau
         progress = min(self.steps_done / max(self.steps_total - 1, 1), 1.0)
-        return c.tau * (c.tau_final / c.tau) ** progress
+        return tau * (final / tau) ** progress
+
+    @property
+    def solver(self) -> Sinkhorn:
+        """The configured Sinkhorn operator, at the annealed τ when ``tau_final`` is set."""
+        if self.config.tau_final is None:
+            return self.config.sinkhorn
+        return dataclasses.replace(self.config.sinkhorn, tau=self.tau)
 
     def plans(self) -> dict[str, Tensor]:
         """The plans used in training: soft, or the hard forward with the soft gradient."""
         assert self.permutation is not None
-        plans = self.permutation.plans(Sinkhorn(self.tau, self.config.sinkhorn_iters))
+        plans = self.permutation.plans(self.solver)
         if not self.config.straight_through:
             return plans
         hard = self.permutation.hard()
@@ -266,7 +274,7 @@ def experience_report(network: RebasinNetwork) -> ExperienceReport:
     """The cheap diagnostics (no data pass)."""
     row_max = 1.0
     if network.permutation is not None:
-        plans = network.permutation.plans(Sinkhorn(network.tau, network.config.sinkhorn_iters))
+        plans = network.permutation.plans(network.solver)
         row_max = sum(float(p.max(-1).values.mean()) for p in plans.values()) / len(plans)
     hard = network.hard_permutations()
     moved = sum(int((idx != torch.arange(len(idx), device=idx.device)).sum()) for idx in hard.values())
