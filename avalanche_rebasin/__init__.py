@@ -28,7 +28,7 @@ from .alignment import (
     straight_through,
     weight_matching,
 )
-from .continual import PRESETS, ExperienceReport, RebasinConfig, RebasinNetwork
+from .continual import PRESETS, ExperienceReport, InterpolationConfig, RebasinConfig, RebasinNetwork
 from .core import (
     AxisPermutation,
     CosineCost,
@@ -56,6 +56,7 @@ __all__ = [
     "AxisPermutation",
     "CosineCost",
     "ExperienceReport",
+    "InterpolationConfig",
     "InterpolationStrategy",
     "L1Cost",
     "L2Cost",

@@ -83,15 +83,16 @@ def test_every_alignment_commits_the_formula_with_a_function_preserving_permutat
 
 def _plugin_perms(strategy, old, new, spec):
     plugin = strategy.interpolation
-    if plugin.alignment in ("none", "weight_matching", "sinkhorn_l2"):
+    if plugin.config.alignment in ("none", "weight_matching", "sinkhorn_l2"):
         data = []
     else:  # the buffer after experience 1, as the plugin read it
         replay = next(p for p in strategy.plugins if isinstance(p, ReplayPlugin))
         loader = torch.utils.data.DataLoader(replay.storage_policy.buffer.eval(), batch_size=32)
         data = [(b[0], b[1]) for b in loader]
     return alignment_permutations(
-        old, new, spec, plugin.alignment, data=data, alpha=plugin.alpha, steps=plugin.align_steps, seed=0
-    )
+        old, new, spec, plugin.config.alignment, data=data, alpha=plugin.config.alpha,
+        steps=plugin.config.align_steps, seed=0,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("alignment", ["none", "weight_matching", "sinkhorn_mid"])

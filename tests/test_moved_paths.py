@@ -113,3 +113,17 @@ def test_old_paths_never_shadow_the_package_functions():
         hasattr(avalanche_rebasin, name) and not callable(getattr(avalanche_rebasin, name))
         for name in ("align", "permute", "interpolate", "lmc_curve")
     )
+
+
+def test_an_interpolation_plugin_pickled_by_release_0_1_loads_with_its_settings():
+    from avalanche_rebasin import InterpolationConfig, WeightInterpolationPlugin
+
+    plugin = WeightInterpolationPlugin(alpha=0.3, alignment="none", align_data="experience")
+    old_state = {k: v for k, v in vars(plugin).items() if k != "config"}
+    old_state.update(alpha=0.3, alignment="none", align_data="experience", align_steps=7, restart=0.0)
+    loaded = WeightInterpolationPlugin.__new__(WeightInterpolationPlugin)
+    loaded.__setstate__(old_state)
+    assert loaded.config == InterpolationConfig(
+        alpha=0.3, alignment="none", align_data="experience", align_steps=7
+    )
+    assert not hasattr(loaded, "alignment")

@@ -167,7 +167,7 @@ def check_interpolation_plugins(plugins: Sequence[Any], interpolation: Any) -> N
     """Raise ``ValueError`` naming every plugin that would be silently wrong beside
     ``interpolation`` (a second interpolation or Re-basin commit included)."""
     at = next(i for i, p in enumerate(plugins) if p is interpolation)
-    restart = interpolation.restart
+    restart = interpolation.config.restart
     problems = []
     if sum(p is interpolation for p in plugins) > 1:
         problems.append(

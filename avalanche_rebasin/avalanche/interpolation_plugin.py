@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..alignment.lmc import reestimate_batchnorm
+from ..continual.config import InterpolationConfig
 from ..continual.interpolation import (
-    ALIGNMENTS,
     NEEDS_DATA,
     InterpolationReport,
     interpolated_state,
@@ -43,64 +43,51 @@ from ..discovery import discover_spec
 from .checkpointing import optimizer_as_data, optimizer_from_data
 from .compatibility import check_interpolation_plugins, order_plugins
 from .inputs import example_input_of
+from .keywords import declare_setting_keywords
 from .transaction import ExperienceSnapshot, guard_experiences, release_experiences
 
 __all__ = ["InterpolationStrategy", "WeightInterpolationPlugin"]
-
-ALIGN_DATA = ("buffer", "experience", "both")
 
 
 class WeightInterpolationPlugin(SupervisedPlugin):
     """Align the trained network to the previous experience's weights, then interpolate.
 
     Args:
-        alpha: weight of the trained network, in [0, 1] (1: keep what was trained).
-        layer_alpha: module path → its own α (e.g. ``{"classifier": 1.0}``: the head from the
-            trained network, the rest interpolated); the longest matching path wins.
-        alignment: one of :data:`~avalanche_rebasin.continual.interpolation.ALIGNMENTS`.
-        align_data: where the data-driven alignments and BatchNorm re-estimation read
-            ``(x, y)`` batches: the replay ``buffer`` (needs a ``ReplayPlugin`` before this
-            plugin), the ``experience``, or ``both``.
-        align_samples: at most this many samples are read, with eval transforms (all of a
-            source that fits; else a seeded uniform subset of it, buffer before experience).
-        align_steps: the Sinkhorn alignments' step cap.
-        bn_reestimate: re-estimate BatchNorm statistics of the committed network.
-        restart: every experience after the first starts training from
-            ``(1 − restart)·θ_old + restart·θ_init``, a fresh seeded initialisation
-            (0: fine-tune θ_old, the default; 1: from scratch; see
-            :mod:`avalanche_rebasin.continual.restart`). θ_old, the interpolation's anchor, is unchanged.
+        config: an :class:`InterpolationConfig`; or pass its fields (``alpha``,
+            ``alignment``, ``align_data``, …) as keywords. ``align_data="buffer"`` needs a
+            ``ReplayPlugin`` before this plugin.
         spec: a PermutationSpec (default: discovered from the model at every commit).
     """
 
-    commits_to_model = True  # rewrites the model after each experience (see plugin_compat)
+    commits_to_model = True  # rewrites the model after each experience (see compatibility)
     _snapshot: tuple[ExperienceSnapshot, int, int] | None = None  # for checkpoints that predate it
 
     def __init__(
         self,
+        config: InterpolationConfig | None = None,
         *,
-        alpha: float = 0.5,
-        layer_alpha: Mapping[str, float] | None = None,
-        alignment: str = "weight_matching",
-        align_data: str = "buffer",
-        align_samples: int = 1000,
-        align_steps: int = 100,
-        bn_reestimate: bool = True,
-        restart: float = 0.0,
         spec: PermutationSpec | None = None,
-        seed: int = 0,
+        **settings: Any,
     ) -> None:
         super().__init__()
-        _check_settings(alpha, alignment, align_data, align_samples, align_steps, bn_reestimate, seed)
-        _check_fractions(restart, layer_alpha)
-        self.restart, self.layer_alpha = float(restart), dict(layer_alpha) if layer_alpha is not None else {}
-        self.alpha, self.alignment, self.align_data = float(alpha), alignment, align_data
-        self.align_samples, self.align_steps, self.bn_reestimate = align_samples, align_steps, bn_reestimate
-        self.spec, self.seed = spec, seed
+        if config is not None and settings:
+            raise TypeError(
+                "WeightInterpolationPlugin: pass either config= or its fields as keywords, not both."
+            )
+        self.config = config if config is not None else InterpolationConfig(**settings)
+        self.spec = spec
         self.reports: list[InterpolationReport] = []
         self._previous: dict[str, torch.Tensor] | None = None
-        self._alphas: float | dict[str, float] = float(alpha)
+        self._alphas: float | dict[str, float] = self.config.alpha
         self._experiences = 0
         self._snapshot: tuple[ExperienceSnapshot, int, int] | None = None  # start, experiences, reports
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Checkpoints of release 0.1 kept the settings as attributes."""
+        if "config" not in state:
+            names = InterpolationConfig.setting_names()
+            state["config"] = InterpolationConfig(**{k: state.pop(k) for k in names if k in state})
+        self.__dict__.update(state)
 
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
         guard_experiences(strategy, self)
@@ -114,11 +101,12 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         check_finite(model_state(model), "the model", {n for n, _ in model.named_buffers()})
         with torch.random.fork_rng(devices=[]):  # reading a sample may draw (RandomRotation): not from yours
             _discover_spec(self, strategy, model)  # refuses an unsupported model before training
-        self._alphas = tensor_alphas(model_state(model), self.alpha, self.layer_alpha, tensor_aliases(model))
+        c = self.config
+        self._alphas = tensor_alphas(model_state(model), c.alpha, c.layer_alpha, tensor_aliases(model))
         start = ExperienceSnapshot.take(model)
         self._snapshot = (start, self._experiences, len(self.reports))
         self._previous = start.state if self._experiences else None  # read only: shared with the snapshot
-        if self._previous is not None and self.restart > 0:
+        if self._previous is not None and self.config.restart > 0:
             _restart(self, model, self._previous)
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
@@ -133,9 +121,10 @@ class WeightInterpolationPlugin(SupervisedPlugin):
             _without_dropout(load_state_(private_copy(model), previous)),
             _without_dropout(private_copy(model)),
         )
+        c = self.config
         perms, seconds = timed_alignment(
-            old, new, spec, self.alignment, data=data, alpha=self._alphas, steps=self.align_steps,
-            seed=self.seed, loss_fn=_loss(strategy),
+            old, new, spec, c.alignment, data=data, alpha=self._alphas, steps=c.align_steps, seed=c.seed,
+            loss_fn=_loss(strategy),
         )  # fmt: skip
         frozen = _frozen(model)
         identity = identity_permutation(spec)
@@ -143,7 +132,7 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         committed = load_state_(  # built on a copy: the user's module changes only once it is complete
             new, interpolated_state(previous, model_state(model), spec, perms, self._alphas, frozen)
         )
-        if self.bn_reestimate and data and not _at_an_end(self._alphas):
+        if self.config.bn_reestimate and data and not _at_an_end(self._alphas):
             reestimate_batchnorm(committed, [x for x, _ in data])
             load_state_(committed, {k: v for k, v in previous.items() if k in frozen})
         load_state_(model, model_state(committed))
@@ -151,7 +140,7 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         moved = sum(int((p.cpu() != identity[g]).sum()) for g, p in perms.items())
         self.reports.append(
             InterpolationReport(
-                self._experiences - 1, self.alignment, self.alpha, moved, sum(spec.group_sizes.values()),
+                self._experiences - 1, c.alignment, c.alpha, moved, sum(spec.group_sizes.values()),
                 seconds, sum(len(y) for _, y in data),
             )
         )  # fmt: skip
@@ -170,7 +159,7 @@ class WeightInterpolationPlugin(SupervisedPlugin):
 
     def _needs_data(self, model: nn.Module) -> bool:
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        return self.alignment in NEEDS_DATA or (self.bn_reestimate and has_bn)
+        return self.config.alignment in NEEDS_DATA or (self.config.bn_reestimate and has_bn)
 
 
 def _discover_spec(plugin: WeightInterpolationPlugin, strategy: Any, model: nn.Module) -> PermutationSpec:
@@ -181,64 +170,26 @@ def _discover_spec(plugin: WeightInterpolationPlugin, strategy: Any, model: nn.M
     try:
         return discover_spec(model, example_input_of(strategy, model))
     except ValueError:
-        if plugin.alignment != "none":
+        if plugin.config.alignment != "none":
             raise
         return PermutationSpec(group_sizes={}, axes={})
 
 
 def _restart(plugin: WeightInterpolationPlugin, model: nn.Module, previous: dict[str, torch.Tensor]) -> None:
     """Move the model to ``(1 − r)·θ_old + r·θ_init`` before it trains (in place)."""
-    fresh = fresh_initialisation(model, seed=restart_seed(plugin.seed, plugin._experiences))
+    fresh = fresh_initialisation(model, seed=restart_seed(plugin.config.seed, plugin._experiences))
     kept = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(fresh[n], p)]
     if kept:
         warnings.warn(
-            f"WeightInterpolationPlugin(restart={plugin.restart}): {len(kept)} trainable parameter(s) "
+            f"WeightInterpolationPlugin(restart={plugin.config.restart}): {len(kept)} trainable parameter(s) "
             f"were not re-drawn (no reset_parameters() in their module, or a parametrization's originals "
             f"such as weight_norm's) and keep their previous values: {kept[:3]}",
             stacklevel=3,
         )
-    load_state_(model, restart_state(previous, fresh, plugin.restart, _frozen(model)))
+    load_state_(model, restart_state(previous, fresh, plugin.config.restart, _frozen(model)))
 
 
-def _check_fraction(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"WeightInterpolationPlugin: {name} must be a number in [0, 1], got {value!r}.")
 
-
-def _check_fractions(restart: Any, layer_alpha: Any) -> None:
-    if layer_alpha is not None and not isinstance(layer_alpha, Mapping):
-        raise ValueError(
-            "WeightInterpolationPlugin: layer_alpha is a mapping of module path to α, e.g. "
-            f"{{'classifier': 0.9}}, or None; got {layer_alpha!r}."
-        )
-    if not all(isinstance(path, str) for path in layer_alpha or {}):
-        raise ValueError(
-            f"WeightInterpolationPlugin: layer_alpha's keys are module paths (str), got {layer_alpha!r}."
-        )
-    for name, value in (
-        ("restart", restart),
-        *((f"layer_alpha[{k!r}]", v) for k, v in (layer_alpha or {}).items()),
-    ):
-        _check_fraction(name, value)
-
-
-def _check_settings(
-    alpha: Any, alignment: Any, align_data: Any, samples: Any, steps: Any, bn: Any, seed: Any
-) -> None:
-    """Raise ``ValueError`` naming the first setting of the wrong type or range."""
-    owner = "WeightInterpolationPlugin"
-    _check_fraction("alpha", alpha)
-    for name, value, choices in (
-        ("alignment", alignment, ALIGNMENTS),
-        ("align_data", align_data, ALIGN_DATA),
-    ):
-        if value not in choices:
-            raise ValueError(f"{owner}: {name} must be one of {list(choices)}, got {value!r}.")
-    for name, value, low in (("align_samples", samples, 1), ("align_steps", steps, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{owner}: {name} must be an integer >= {low}, got {value!r}.")
-    if not isinstance(bn, bool):
-        raise ValueError(f"{owner}: bn_reestimate must be True or False, got {bn!r}.")
 
 
 def _check_composition(plugin: WeightInterpolationPlugin, strategy: Any) -> None:
@@ -250,7 +201,7 @@ def _check_composition(plugin: WeightInterpolationPlugin, strategy: Any) -> None
             "WeightInterpolationPlugin: multi-task models are not supported yet (task-aware alignment "
             "data and heads are unverified); use a single-head model."
         )
-    if plugin._needs_data(strategy.model) and plugin.bn_reestimate and plugin.align_samples < 2:
+    if plugin._needs_data(strategy.model) and plugin.config.bn_reestimate and plugin.config.align_samples < 2:
         raise ValueError(
             "WeightInterpolationPlugin: BatchNorm statistics cannot be re-estimated on one sample; "
             "pass align_samples >= 2 or bn_reestimate=False."
@@ -259,7 +210,7 @@ def _check_composition(plugin: WeightInterpolationPlugin, strategy: Any) -> None
     check_interpolation_plugins(plugins, plugin)
     replays = [i for i, p in enumerate(plugins) if isinstance(p, ReplayPlugin)]
     at = plugins.index(plugin)
-    if plugin.align_data in ("buffer", "both") and not replays:
+    if plugin.config.align_data in ("buffer", "both") and not replays:
         raise ValueError(
             "WeightInterpolationPlugin(align_data='buffer') needs a ReplayPlugin in the strategy; add one "
             "or pass align_data='experience'."
@@ -274,13 +225,13 @@ def _check_composition(plugin: WeightInterpolationPlugin, strategy: Any) -> None
 def _alignment_batches(plugin: WeightInterpolationPlugin, strategy: Any) -> list[tuple[Any, Any]]:
     """Up to ``align_samples`` samples as ``(x, y)`` batches on the strategy's device."""
     sources = []
-    if plugin.align_data in ("buffer", "both"):
+    if plugin.config.align_data in ("buffer", "both"):
         replay = next(p for p in strategy.plugins if isinstance(p, ReplayPlugin))
         sources.append(replay.storage_policy.buffer)
-    if plugin.align_data in ("experience", "both"):
+    if plugin.config.align_data in ("experience", "both"):
         sources.append(strategy.experience.dataset)
-    batches, left = [], plugin.align_samples
-    generator = torch.Generator().manual_seed(1_000_003 * plugin.seed + plugin._experiences)
+    batches, left = [], plugin.config.align_samples
+    generator = torch.Generator().manual_seed(1_000_003 * plugin.config.seed + plugin._experiences)
     for dataset in sources:
         dataset = dataset.eval()
         if len(dataset) > left > 0:  # a seeded uniform subset, not the first (oldest) samples
@@ -365,8 +316,8 @@ class InterpolationStrategy(SupervisedTemplate):
 
     Args:
         model, optimizer: as for any Avalanche strategy.
-        alpha, layer_alpha, alignment, align_data, align_samples, align_steps, bn_reestimate,
-            restart, spec, seed: see :class:`WeightInterpolationPlugin`.
+        config: an :class:`InterpolationConfig`; or pass its fields as keywords.
+        spec: see :class:`WeightInterpolationPlugin`.
         plugins: other Avalanche plugins (a ``ReplayPlugin`` for ``align_data="buffer"``).
         **base_kwargs: everything ``SupervisedTemplate`` accepts.
     """
@@ -376,24 +327,14 @@ class InterpolationStrategy(SupervisedTemplate):
         *,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        alpha: float = 0.5,
-        layer_alpha: Mapping[str, float] | None = None,
-        alignment: str = "weight_matching",
-        align_data: str = "buffer",
-        align_samples: int = 1000,
-        align_steps: int = 100,
-        bn_reestimate: bool = True,
-        restart: float = 0.0,
+        config: InterpolationConfig | None = None,
         spec: PermutationSpec | None = None,
-        seed: int = 0,
         plugins: Sequence[Any] | None = None,
         **base_kwargs: Any,
     ) -> None:
-        self.interpolation = WeightInterpolationPlugin(
-            alpha=alpha, layer_alpha=layer_alpha, alignment=alignment, align_data=align_data,
-            align_samples=align_samples, align_steps=align_steps, bn_reestimate=bn_reestimate,
-            restart=restart, spec=spec, seed=seed,
-        )  # fmt: skip
+        names = InterpolationConfig.setting_names()
+        settings = {k: base_kwargs.pop(k) for k in list(base_kwargs) if k in names}
+        self.interpolation = WeightInterpolationPlugin(config, spec=spec, **settings)
         plugins = order_plugins(plugins or [], self.interpolation)
         super().__init__(model=model, optimizer=optimizer, plugins=plugins, **base_kwargs)
 
@@ -404,3 +345,6 @@ class InterpolationStrategy(SupervisedTemplate):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(optimizer_from_data(state, state["model"]))
+
+
+declare_setting_keywords(InterpolationStrategy, vars(InterpolationConfig()))

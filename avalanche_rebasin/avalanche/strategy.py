@@ -8,7 +8,6 @@ file beside the target and moved over it (a kill mid-save keeps the previous che
 
 from __future__ import annotations
 
-import inspect
 import os
 import tempfile
 from collections.abc import Collection, Sequence
@@ -30,6 +29,7 @@ from .checkpointing import (
     optimizer_from_data,
 )
 from .compatibility import check_plugins
+from .keywords import declare_setting_keywords
 from .plugin import RebasinPlugin, arrange_plugins
 
 __all__ = [
@@ -166,18 +166,4 @@ def atomic_save_checkpoint(
         raise
 
 
-def _declare_config_keywords(cls: type) -> None:
-    """Show the settings :meth:`RebasinConfig.from_settings` takes as keyword-only arguments
-    of ``cls.__init__`` (Avalanche rejects keywords that no ``__init__`` signature declares)."""
-    init = vars(cls)["__init__"]
-    signature = inspect.signature(init)
-    params = list(signature.parameters.values())
-    defaults = {**vars(RebasinConfig()), **vars(Sinkhorn())}
-    fields = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults[name])
-        for name in RebasinConfig.setting_names()
-    ]
-    init.__signature__ = signature.replace(parameters=[*params[:-1], *fields, params[-1]])
-
-
-_declare_config_keywords(RebasinStrategy)
+declare_setting_keywords(RebasinStrategy, {**vars(Sinkhorn()), **vars(RebasinConfig())})

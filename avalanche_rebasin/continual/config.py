@@ -20,12 +20,15 @@ import dataclasses
 import math
 import numbers
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
 from ..core.sinkhorn import Sinkhorn
+from .interpolation import ALIGNMENTS
 
-__all__ = ["PRESETS", "RebasinConfig"]
+__all__ = ["ALIGN_DATA", "PRESETS", "InterpolationConfig", "RebasinConfig"]
 
 #: Named settings (keyword arguments of :class:`RebasinConfig`).
 #: ``paper``: the authors' Rotated-MNIST protocol, 5 epochs per re-basin experience.
@@ -190,3 +193,78 @@ def _validate(config: RebasinConfig) -> None:
     for name, choices in _CHOICES.items():
         if getattr(config, name) not in choices:
             raise bad(name, " or ".join(repr(c) for c in choices))
+
+
+#: where the interpolation's data-driven alignments read batches
+ALIGN_DATA = ("buffer", "experience", "both")
+
+
+@dataclass(frozen=True)
+class InterpolationConfig:
+    """Every setting of align-then-interpolate, validated once:
+    ``θ = (1 − α)·θ_old + α·π(θ_new)`` after each experience.
+
+    Args:
+        alpha: weight of the trained network, in [0, 1] (1: keep what was trained).
+        layer_alpha: module path → its own α (e.g. ``{"classifier": 1.0}``: the head from the
+            trained network, the rest interpolated); the longest matching path wins.
+        alignment: one of :data:`~avalanche_rebasin.continual.interpolation.ALIGNMENTS`.
+        align_data: where the data-driven alignments and BatchNorm re-estimation read
+            ``(x, y)`` batches: the replay ``buffer``, the ``experience``, or ``both``.
+        align_samples: at most this many samples are read, with eval transforms (all of a
+            source that fits; else a seeded uniform subset of it, buffer before experience).
+        align_steps: the Sinkhorn alignments' step cap.
+        bn_reestimate: re-estimate BatchNorm statistics of the committed network.
+        restart: every experience after the first starts training from
+            ``(1 − restart)·θ_old + restart·θ_init``, a fresh seeded initialisation
+            (0: fine-tune θ_old, the default; 1: from scratch; see
+            :mod:`avalanche_rebasin.continual.restart`). θ_old, the interpolation's anchor,
+            is unchanged.
+        seed: seeds the sample subsets, the Sinkhorn alignments and the restarts.
+    """
+
+    alpha: float = 0.5
+    layer_alpha: Mapping[str, float] | None = None
+    alignment: str = "weight_matching"
+    align_data: str = "buffer"
+    align_samples: int = 1000
+    align_steps: int = 100
+    bn_reestimate: bool = True
+    restart: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_fraction("alpha", self.alpha)
+        if self.layer_alpha is not None and not isinstance(self.layer_alpha, Mapping):
+            raise ValueError(
+                "Interpolation: layer_alpha is a mapping of module path to α, e.g. "
+                f"{{'classifier': 0.9}}, or None; got {self.layer_alpha!r}."
+            )
+        if not all(isinstance(path, str) for path in self.layer_alpha or {}):
+            raise ValueError(f"Interpolation: layer_alpha's keys are module paths, got {self.layer_alpha!r}.")
+        for path, value in (self.layer_alpha or {}).items():
+            _check_fraction(f"layer_alpha[{path!r}]", value)
+        _check_fraction("restart", self.restart)
+        for name, choices in (("alignment", ALIGNMENTS), ("align_data", ALIGN_DATA)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"Interpolation: {name} must be one of {list(choices)}, got {value!r}.")
+        for name, low in (("align_samples", 1), ("align_steps", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Interpolation: {name} must be an integer >= {low}, got {value!r}.")
+        if not isinstance(self.bn_reestimate, bool):
+            raise ValueError(f"Interpolation: bn_reestimate must be True or False, got {self.bn_reestimate}.")
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "restart", float(self.restart))
+        if self.layer_alpha is not None:
+            object.__setattr__(self, "layer_alpha", MappingProxyType(dict(self.layer_alpha)))
+
+    @staticmethod
+    def setting_names() -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(InterpolationConfig))
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"Interpolation: {name} must be a number in [0, 1], got {value!r}.")
