@@ -215,7 +215,7 @@ def evaluate_pair(data_name, arch, model_a, model_b, batches, test, args, record
                     "method": method,
                     "bn_reestimated": bn,
                     "seconds": seconds,
-                    "lambdas": loss.lambdas,
+                    "lambdas": loss.alphas,
                     "loss": loss.values,
                     "acc": acc.values,
                     "loss_barrier": loss.barrier,

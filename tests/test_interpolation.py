@@ -23,7 +23,7 @@ from test_strategy import N_CLASSES, _benchmark, _evaluator
 from avalanche_rebasin import PermutationSpec, discover_spec, invert_permutation, permute, random_permutation
 from avalanche_rebasin.avalanche.interpolation_plugin import InterpolationStrategy, WeightInterpolationPlugin
 from avalanche_rebasin.avalanche.plugin import RebasinPlugin
-from avalanche_rebasin.continual.interpolation import ALIGNMENTS, alignment_permutations, interpolated_state
+from avalanche_rebasin.continual.interpolation import ALIGNMENTS, alignment_permutations, interpolate_aligned
 from avalanche_rebasin.continual.restart import fresh_initialisation, restart_seed, restart_state
 from avalanche_rebasin.core.state import model_state
 
@@ -158,12 +158,14 @@ def test_frozen_parameters_stay_bit_identical():
     assert torch.equal(model.features[0].weight, frozen)
 
 
-def test_interpolated_state_takes_integer_buffers_from_the_new_network():
+def test_interpolate_aligned_takes_integer_buffers_from_the_nearer_network():
+    # one rule with interpolate_state and restart_state (0.1 took them from the new network)
     old = {"w": torch.zeros(2, 2), "n": torch.tensor(3)}
     new = {"w": torch.ones(2, 2), "n": torch.tensor(7)}
     spec = PermutationSpec(group_sizes={}, axes={})
-    out = interpolated_state(old, new, spec, {}, 0.25)
-    assert torch.equal(out["w"], torch.full((2, 2), 0.25)) and int(out["n"]) == 7
+    out = interpolate_aligned(old, new, spec, {}, 0.25)
+    assert torch.equal(out["w"], torch.full((2, 2), 0.25)) and int(out["n"]) == 3
+    assert int(interpolate_aligned(old, new, spec, {}, 0.75)["n"]) == 7
 
 
 @pytest.mark.parametrize(
@@ -258,7 +260,7 @@ def test_alignment_undoes_a_hidden_permutation_so_interpolation_lands_on_the_old
     data = [(x[i : i + 64], old(x[i : i + 64]).argmax(1)) for i in range(0, 256, 64)]
     perms = alignment_permutations(old, new, spec, alignment, data=data, alpha=0.5, steps=50)
     assert all(torch.equal(perms[g], p) for g, p in invert_permutation(hidden).items())
-    committed = interpolated_state(model_state(old), model_state(new), spec, perms, 0.5)
+    committed = interpolate_aligned(model_state(old), model_state(new), spec, perms, 0.5)
     for name, value in model_state(old).items():
         torch.testing.assert_close(committed[name], value)
 

@@ -17,7 +17,7 @@ def test_curve_of_model_with_itself_has_zero_barrier():
     model = mlp(2)
     x, y = torch.randn(32, 20), torch.randint(0, 5, (32,))
     curve = lmc_curve(model, model, _loss_fn(x, y), n_points=5)
-    assert len(curve.values) == 5 and curve.lambdas[0] == 0.0 and curve.lambdas[-1] == 1.0
+    assert len(curve.values) == 5 and curve.alphas[0] == 0.0 and curve.alphas[-1] == 1.0
     assert abs(curve.barrier) < 1e-6 and abs(curve.auc) < 1e-6
 
 

@@ -15,6 +15,7 @@ averaged network.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,16 +32,17 @@ from .inputs import check_same_architecture, known_empty
 __all__ = ["LMCCurve", "barrier_and_auc", "interpolate", "lmc_curve", "reestimate_batchnorm"]
 
 
-def interpolate(model_a: nn.Module, model_b: nn.Module, lam: float) -> nn.Module:
-    """A new module with ``(1−λ)θ_A + λθ_B`` (integer buffers from ``model_a``).
+def interpolate(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Module:
+    """A new module with ``(1−α)θ_A + αθ_B`` (counters from the nearer endpoint, see
+    :func:`~avalanche_rebasin.core.state.interpolate_state`).
 
     Raises ``ValueError`` naming the first tensor whose name or shape differs.
     """
-    if not isinstance(lam, torch.Tensor):
-        check_real("lam", lam)
+    if not isinstance(alpha, torch.Tensor):
+        check_real("alpha", alpha)
     state_a, state_b = model_state(model_a), model_state(model_b)
     check_same_architecture(state_a, state_b)
-    return load_state_(private_copy(model_a), interpolate_state(state_a, state_b, float(lam)))
+    return load_state_(private_copy(model_a), interpolate_state(state_a, state_b, float(alpha)))
 
 
 @torch.no_grad()
@@ -89,25 +91,32 @@ def reestimate_batchnorm(
 
 
 def barrier_and_auc(
-    lambdas: list[float], values: list[float], *, higher_is_better: bool = False
+    alphas: list[float], values: list[float], *, higher_is_better: bool = False
 ) -> tuple[float, float]:
-    """Barrier and AUC of ``values`` against the straight line between the endpoints."""
-    lam = torch.tensor(lambdas, dtype=torch.float64)
+    """Barrier and AUC of ``values`` at the weights ``alphas`` against the straight line
+    between the endpoints."""
+    weight = torch.tensor(alphas, dtype=torch.float64)
     val = torch.tensor(values, dtype=torch.float64)
-    line = (1 - lam) * val[0] + lam * val[-1]
+    line = (1 - weight) * val[0] + weight * val[-1]
     gap = (line - val) if higher_is_better else (val - line)
-    return float(gap.max()), float(torch.trapezoid(gap, lam))
+    return float(gap.max()), float(torch.trapezoid(gap, weight))
 
 
 @dataclass
 class LMCCurve:
-    """A metric along the linear path from ``model_a`` (λ=0) to ``model_b`` (λ=1)."""
+    """A metric along the linear path from ``model_a`` (α = 0) to ``model_b`` (α = 1)."""
 
-    lambdas: list[float]
+    alphas: list[float]
     values: list[float]
     barrier: float
     auc: float
     higher_is_better: bool = False
+
+    @property
+    def lambdas(self) -> list[float]:
+        """Deprecated name of :attr:`alphas`."""
+        warnings.warn("LMCCurve.lambdas is deprecated; read alphas.", DeprecationWarning, stacklevel=2)
+        return self.alphas
 
 
 def lmc_curve(
@@ -134,13 +143,13 @@ def lmc_curve(
         bn_data = list(bn_data)
     if bn_data is not None and known_empty(bn_data):
         raise ValueError("bn_data yielded no batches; pass at least one batch to re-estimate BatchNorm on.")
-    lambdas = torch.linspace(0, 1, n_points).tolist()
+    alphas = torch.linspace(0, 1, n_points).tolist()
     values = []
-    for lam in tqdm(lambdas, desc="lmc", disable=not progress, leave=False):
-        model = interpolate(model_a, model_b, lam)
+    for alpha in tqdm(alphas, desc="lmc", disable=not progress, leave=False):
+        model = interpolate(model_a, model_b, alpha)
         if bn_data is not None:
             reestimate_batchnorm(model, bn_data)
         model.eval()
         values.append(float(eval_fn(model)))
-    barrier, auc = barrier_and_auc(lambdas, values, higher_is_better=higher_is_better)
-    return LMCCurve(lambdas, values, barrier, auc, higher_is_better)
+    barrier, auc = barrier_and_auc(alphas, values, higher_is_better=higher_is_better)
+    return LMCCurve(alphas, values, barrier, auc, higher_is_better)

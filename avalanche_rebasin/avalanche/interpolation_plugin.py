@@ -29,7 +29,7 @@ from ..continual.config import InterpolationConfig
 from ..continual.interpolation import (
     NEEDS_DATA,
     InterpolationReport,
-    interpolated_state,
+    interpolate_aligned,
     tensor_aliases,
     tensor_alphas,
     timed_alignment,
@@ -130,7 +130,7 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         identity = identity_permutation(spec)
         perms = {g: identity[g] if g in spec.groups_touching(frozen) else p for g, p in perms.items()}
         committed = load_state_(  # built on a copy: the user's module changes only once it is complete
-            new, interpolated_state(previous, model_state(model), spec, perms, self._alphas, frozen)
+            new, interpolate_aligned(previous, model_state(model), spec, perms, self._alphas, frozen)
         )
         if self.config.bn_reestimate and data and not _at_an_end(self._alphas):
             reestimate_batchnorm(committed, [x for x, _ in data])

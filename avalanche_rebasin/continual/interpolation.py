@@ -15,7 +15,7 @@ This module is torch only; the Avalanche plugin is :mod:`avalanche_rebasin.inter
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,13 +25,13 @@ from ..alignment import Stopping, align
 from ..alignment.matching import activation_matching, weight_matching
 from ..core.permute import identity_permutation, permute_state
 from ..core.spec import PermutationSpec
-from ..core.state import functional_loss, interpolate_state, mix, private_copy
+from ..core.state import functional_loss, interpolate_state, private_copy
 
 __all__ = [
     "ALIGNMENTS",
     "InterpolationReport",
     "alignment_permutations",
-    "interpolated_state",
+    "interpolate_aligned",
     "tensor_alphas",
 ]
 
@@ -96,27 +96,17 @@ def alignment_permutations(
     return result.permutations
 
 
-def interpolated_state(
+def interpolate_aligned(
     old: Mapping[str, Tensor],
     new: Mapping[str, Tensor],
     spec: PermutationSpec,
     perms: Mapping[str, Tensor],
     alpha: float | Mapping[str, float],
-    keep: set[str] = frozenset(),  # type: ignore[assignment]
+    keep: Collection[str] = (),
 ) -> dict[str, Tensor]:
-    """``(1 − α)·old + α·π(new)`` for floating tensors (``alpha`` a number, or one per tensor
-    name); integer buffers (BatchNorm counters) from ``new``; the tensors in ``keep``
-    (frozen parameters) from ``old``, unchanged."""
-    permuted = permute_state(new, spec, perms)
-    out = {}
-    for name, value in permuted.items():
-        if name in keep:
-            out[name] = old[name].clone()
-        elif value.is_floating_point():
-            out[name] = mix(old[name], value, alpha[name] if isinstance(alpha, Mapping) else alpha)
-        else:
-            out[name] = value.clone()
-    return out
+    """The commit ``(1 − α)·old + α·π(new)`` (:func:`~avalanche_rebasin.core.state.interpolate_state`
+    of ``old`` and the permuted ``new``; the tensors in ``keep``, frozen parameters, from ``old``)."""
+    return interpolate_state(old, permute_state(new, spec, perms), alpha, keep=keep)
 
 
 def tensor_alphas(

@@ -27,7 +27,7 @@ from ..core.logits import PermutationLogits
 from ..core.permute import identity_permutation, permute_state, soft_permute_state
 from ..core.sinkhorn import Sinkhorn, permutation_matrix
 from ..core.spec import PermutationSpec
-from ..core.state import model_state
+from ..core.state import interpolate_state, mix, model_state
 from ..core.validation import check_finite
 from .config import RebasinConfig
 from .grouped_optimizer import GroupedOptimizer
@@ -185,7 +185,7 @@ class RebasinNetwork(nn.Module):
         state = {}
         for name in self.names:
             if name in self.delta_names:
-                state[name] = _blend(theta[name], permuted[name], a, self.delta[_key(name)])
+                state[name] = mix(theta[name], permuted[name], a, finite=True) + self.delta[_key(name)]
             elif name in self.parameter_names:
                 state[name] = theta[name]  # frozen by the user
             else:
@@ -252,15 +252,14 @@ def committed_state(network: RebasinNetwork) -> dict[str, Tensor]:
     """``θ_{i+1} = (1 − α)θ_i + απ_P̂(θ_i) + δ``; frozen parameters and integer buffers are θ_i's."""
     theta, alpha = network.theta_state(), network.config.alpha
     permuted = permute_state(theta, network.spec, network.hard_permutations())
-    committed = {}
-    for name, value in theta.items():
-        frozen = name in network.parameter_names and name not in network.delta_names
-        if frozen or not value.is_floating_point():
-            committed[name] = value.clone()
+    frozen = network.parameter_names - network.delta_names
+    committed = interpolate_state(theta, permuted, alpha, keep=frozen)
+    for name, value in committed.items():
+        if name in frozen or not value.is_floating_point():
             continue
-        delta = network.delta[_key(name)] if name in network.delta_names else None
-        committed[name] = new = _blend(value, permuted[name], alpha, delta)
-        if not torch.isfinite(new).all():
+        if name in network.delta_names:
+            committed[name] = value = value + network.delta[_key(name)]
+        if not torch.isfinite(value).all():
             raise ValueError(
                 f"Re-basin: experience {network.experience} produced non-finite values in '{name}'; the "
                 f"commit was refused and the model keeps θ_{network.experience}. Lower delta_lr/perm_lr or "
@@ -307,11 +306,6 @@ def _randn_like(tensor: Tensor, generator: torch.Generator) -> Tensor:
     """N(0, 1) drawn on the CPU from ``generator`` (device-independent), then moved like ``tensor``."""
     return torch.randn(tensor.shape, generator=generator).to(tensor)
 
-
-def _blend(value: Tensor, permuted: Tensor, weight: float, delta: Tensor | None = None) -> Tensor:
-    """``(1 − w)·θ + w·π(θ) (+ δ)``."""
-    new = (1 - weight) * value + weight * permuted
-    return new if delta is None else new + delta
 
 
 def _initial_logits(

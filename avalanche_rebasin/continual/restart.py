@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..core.state import mix, model_state, private_copy
+from ..core.state import interpolate_state, model_state, private_copy
 
 __all__ = ["fresh_initialisation", "restart_seed", "restart_state"]
 
@@ -80,16 +80,9 @@ def _initialiser(module: nn.Module) -> Callable[[], None] | None:
 def restart_state(
     previous: Mapping[str, Tensor], fresh: Mapping[str, Tensor], r: float, frozen: Collection[str] = ()
 ) -> dict[str, Tensor]:
-    """``(1 − r)·previous + r·fresh`` for floating tensors; frozen parameters keep their
-    previous values exactly. Integer buffers (BatchNorm's batch counter) cannot be mixed and
-    come from the nearer end: ``previous`` for ``r ≤ ½``, ``fresh`` above (from scratch, a
-    ``momentum=None`` BatchNorm then averages its statistics afresh)."""
-    out = {}
-    for k, v in previous.items():
-        if k in frozen:
-            out[k] = v.clone()
-        elif v.is_floating_point():
-            out[k] = mix(v, fresh[k], r)
-        else:
-            out[k] = (fresh[k] if r > 0.5 else v).clone()
-    return out
+    """``(1 − r)·previous + r·fresh`` (:func:`~avalanche_rebasin.core.state.interpolate_state`);
+    frozen parameters keep their previous values exactly. Integer buffers (BatchNorm's batch
+    counter) cannot be mixed and come from the nearer end: ``previous`` for ``r ≤ ½``,
+    ``fresh`` above (from scratch, a ``momentum=None`` BatchNorm then averages its
+    statistics afresh)."""
+    return interpolate_state(previous, fresh, r, keep=frozen)

@@ -90,8 +90,8 @@ class RandomPointCost:
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
 
     def __call__(self, a: State, b: State, batch: Any) -> Tensor:
-        lam = float(torch.rand((), generator=self.generator))
-        return functional_loss(self.model, interpolate_state(a, b, lam), batch, self.loss_fn)
+        alpha = float(torch.rand((), generator=self.generator))
+        return functional_loss(self.model, interpolate_state(a, b, alpha), batch, self.loss_fn)
 
 
 def continual_cost(

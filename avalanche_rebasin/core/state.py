@@ -9,7 +9,7 @@ A state is a mapping from parameter/buffer names to tensors. The convex combinat
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -85,28 +85,41 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack([s.to(device) for s in sums])).all())
 
 
-def mix(a: Tensor, b: Tensor, weight: float | Tensor, *, finite: bool = False) -> Tensor:
-    """``(1−w)·a + w·b``. Where an infinite entry would make the formula NaN (a mask's
-    ``-inf`` on both sides, ``0·∞`` at ``w`` = 0 or 1) the entry of the nearer side is kept.
-    ``finite=True`` says the caller has checked that ``a`` and ``b`` are finite."""
-    out = torch.lerp(a, b, weight)
+def mix(a: Tensor, b: Tensor, alpha: float | Tensor, *, finite: bool = False) -> Tensor:
+    """``(1−α)·a + α·b``. Where an infinite entry would make the formula NaN (a mask's
+    ``-inf`` on both sides, ``0·∞`` at α = 0 or 1) the entry of the nearer endpoint is kept
+    (``a`` up to α = ½, else ``b``). ``finite=True`` says the caller has checked that ``a``
+    and ``b`` are finite."""
+    out = torch.lerp(a, b, alpha)
     if finite or all_finite((a, b)):
         return out
-    nearer = torch.where(torch.as_tensor(weight, device=a.device) <= 0.5, a, b)
+    nearer = torch.where(torch.as_tensor(alpha, device=a.device) <= 0.5, a, b)
     return torch.where(torch.isnan(out) & ~torch.isnan(a) & ~torch.isnan(b), nearer, out)
 
 
-def interpolate_state(a: State, b: State, lam: float | Tensor | Mapping[str, float]) -> dict[str, Tensor]:
-    """``(1−λ)·a + λ·b`` for floating tensors (see :func:`mix`; ``lam`` may map every tensor
-    name to its own λ); integer buffers from ``a``. One finiteness check for the whole state."""
-    floating = [k for k, v in a.items() if v.is_floating_point()]
+def interpolate_state(
+    a: State, b: State, alpha: float | Tensor | Mapping[str, float], *, keep: Collection[str] = ()
+) -> dict[str, Tensor]:
+    """The convex combination ``(1−α)·a + α·b`` of two states, the one every method uses.
+
+    Floating tensors are mixed (:func:`mix`; ``alpha`` a number or one per tensor name).
+    Every other tensor is a counter (BatchNorm's ``num_batches_tracked``) and comes from the
+    nearer endpoint, ``a`` up to α = ½ and ``b`` above, so both ends are exact. The
+    tensors named in ``keep`` (frozen parameters) come from ``a`` unchanged. One finiteness
+    check for the whole state.
+    """
+    floating = [k for k, v in a.items() if v.is_floating_point() and k not in keep]
     finite = all_finite([*(a[k] for k in floating), *(b[k] for k in floating)])
-    return {
-        k: mix(v, b[k], lam[k] if isinstance(lam, Mapping) else lam, finite=finite)
-        if v.is_floating_point()
-        else v
-        for k, v in a.items()
-    }
+    out = {}
+    for name, value in a.items():
+        weight = alpha[name] if isinstance(alpha, Mapping) else alpha
+        if name in keep:
+            out[name] = value.clone()
+        elif value.is_floating_point():
+            out[name] = mix(value, b[name], weight, finite=finite)
+        else:
+            out[name] = (value if float(weight) <= 0.5 else b[name]).clone()
+    return out
 
 
 def functional_loss(model: nn.Module, state: State, batch: Any, loss_fn: LossFn) -> Tensor:
