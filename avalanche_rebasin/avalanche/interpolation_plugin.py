@@ -117,18 +117,9 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         spec = _discover_spec(self, strategy, model)  # again on the trained model, as the commit reads it
         self._previous = None
         data = _alignment_batches(self, strategy) if self._needs_data(model) else []
-        old, new = (
-            _without_dropout(load_state_(private_copy(model), previous)),
-            _without_dropout(private_copy(model)),
-        )
-        c = self.config
-        perms, seconds = timed_alignment(
-            old, new, spec, c.alignment, data=data, alpha=self._alphas, steps=c.align_steps, seed=c.seed,
-            loss_fn=_loss(strategy),
-        )  # fmt: skip
-        frozen = _frozen(model)
-        identity = identity_permutation(spec)
-        perms = {g: identity[g] if g in spec.groups_touching(frozen) else p for g, p in perms.items()}
+        new = _without_dropout(private_copy(model))
+        perms, seconds = _permutations(self, strategy, previous, new, spec, data)
+        frozen, identity, c = _frozen(model), identity_permutation(spec), self.config
         committed = load_state_(  # built on a copy: the user's module changes only once it is complete
             new, interpolate_aligned(previous, model_state(model), spec, perms, self._alphas, frozen)
         )
@@ -160,6 +151,26 @@ class WeightInterpolationPlugin(SupervisedPlugin):
     def _needs_data(self, model: nn.Module) -> bool:
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         return self.config.alignment in NEEDS_DATA or (self.config.bn_reestimate and has_bn)
+
+
+def _permutations(
+    plugin: WeightInterpolationPlugin,
+    strategy: Any,
+    previous: dict[str, torch.Tensor],
+    new: nn.Module,
+    spec: PermutationSpec,
+    data: list[tuple[Any, Any]],
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The alignment of the trained network ``new`` to θ_old, and its seconds; groups that
+    touch a frozen parameter stay the identity (a frozen tensor must not move)."""
+    c = plugin.config
+    old = _without_dropout(load_state_(private_copy(new), previous))
+    perms, seconds = timed_alignment(
+        old, new, spec, c.alignment, data=data, alpha=plugin._alphas, steps=c.align_steps, seed=c.seed,
+        loss_fn=_loss(strategy),
+    )  # fmt: skip
+    identity, frozen = identity_permutation(spec), _frozen(new)
+    return {g: identity[g] if g in spec.groups_touching(frozen) else p for g, p in perms.items()}, seconds
 
 
 def _discover_spec(plugin: WeightInterpolationPlugin, strategy: Any, model: nn.Module) -> PermutationSpec:
