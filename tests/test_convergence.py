@@ -45,9 +45,9 @@ def test_a_permuted_copy_stops_at_zero_cost_before_any_step_from_weight_matching
 
 def test_zero_cost_stops_the_sinkhorn_loop_as_soon_as_the_permutation_is_right():
     model, permuted, spec = _permuted_pair()
-    kwargs = dict(spec=spec, steps=500, init="identity", progress=False)
-    zero = align(model, permuted, **kwargs)
-    patient = align(model, permuted, **kwargs, stopping=Stopping(at_zero_cost=False))
+    kwargs = dict(spec=spec, init="identity", progress=False)
+    zero = align(model, permuted, **kwargs, stopping=Stopping(max_steps=500))
+    patient = align(model, permuted, **kwargs, stopping=Stopping(max_steps=500, at_zero_cost=False))
     assert zero.stop_reason == "optimal" and 0 < zero.steps < patient.steps
     assert zero.marginal_error is not None and zero.marginal_error >= 0  # a plan ran this time
     recovered = zero.model.state_dict()

@@ -295,7 +295,9 @@ def test_align_solves_half_precision_models_in_float32():
 
     spec = discover_spec(model_a, x)
     model_b = permute(model_a, spec, random_permutation(spec, generator=torch.Generator().manual_seed(1)))
-    settings = dict(spec=spec, init="identity", steps=30, patience=None, progress=False)
+    settings = dict(
+        spec=spec, init="identity", stopping=Stopping(max_steps=30, patience=None), progress=False
+    )
     for dtype in (torch.float16, torch.bfloat16):
         a, b = copy.deepcopy(model_a).to(dtype), copy.deepcopy(model_b).to(dtype)
         before = _state(b)
