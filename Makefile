@@ -3,13 +3,15 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# mkdocs-material prints an end-of-life banner on every build; it is not a build warning
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo test lint peers data
+.PHONY: demo test lint docs peers data
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e ".[test,benchmarks,zoo]"
+	$(BIN)/pip install -e ".[test,benchmarks,zoo,docs]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -19,10 +21,15 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/mkdocs build --strict --site-dir .cache/site
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# The documentation site at http://127.0.0.1:8000, rebuilt on every change.
+docs: $(STAMP)
+	$(BIN)/mkdocs serve
 
 # Speed against the authors' sinkhorn-rebasin and snimu's rebasin (their venvs go to .cache/peers/).
 peers: $(STAMP)

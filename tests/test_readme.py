@@ -13,7 +13,7 @@ import pytest
 from avalanche_rebasin_experiments import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
 BLOCKS = [
     (path.relative_to(ROOT), lang, code)
     for path in DOCUMENTS
