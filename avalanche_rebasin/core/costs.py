@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,7 @@ Cost = Callable[[State, State, Any], Tensor]
 class _WeightCost:
     keys: Sequence[str] | None = None  # tensors compared (default: every floating tensor)
 
-    def _pairs(self, a: State, b: State):
+    def _pairs(self, a: State, b: State) -> list[tuple[Tensor, Tensor]]:
         keys = self.keys if self.keys is not None else [k for k, v in a.items() if v.is_floating_point()]
         return [(a[k], b[k]) for k in keys]
 
@@ -47,7 +47,7 @@ class L2Cost(_WeightCost):
     """``Σ_k ‖a_k − b_k‖²``."""
 
     def __call__(self, a: State, b: State, batch: Any = None) -> Tensor:
-        return sum(((x - y) ** 2).sum() for x, y in self._pairs(a, b))
+        return cast(Tensor, sum(((x - y) ** 2).sum() for x, y in self._pairs(a, b)))
 
 
 @dataclass
@@ -55,7 +55,7 @@ class L1Cost(_WeightCost):
     """``Σ_k |a_k − b_k|₁``."""
 
     def __call__(self, a: State, b: State, batch: Any = None) -> Tensor:
-        return sum((x - y).abs().sum() for x, y in self._pairs(a, b))
+        return cast(Tensor, sum((x - y).abs().sum() for x, y in self._pairs(a, b)))
 
 
 @dataclass
@@ -65,8 +65,8 @@ class CosineCost(_WeightCost):
     def __call__(self, a: State, b: State, batch: Any = None) -> Tensor:
         pairs = self._pairs(a, b)
         dot = sum((x * y).sum() for x, y in pairs)
-        na = sum((x * x).sum() for x, _ in pairs).sqrt()
-        nb = sum((y * y).sum() for _, y in pairs).sqrt()
+        na = cast(Tensor, sum((x * x).sum() for x, _ in pairs)).sqrt()
+        nb = cast(Tensor, sum((y * y).sum() for _, y in pairs)).sqrt()
         return 1 - dot / (na * nb)
 
 

@@ -23,7 +23,7 @@ from torch.func import functional_call
 __all__ = ["call_model", "call_with_state", "floating_to", "split_input", "to_device"]
 
 
-def split_input(example_input: Any) -> tuple[tuple, dict[str, Any]]:
+def split_input(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """``(args, kwargs)`` of one input, by the convention of this module."""
     if isinstance(example_input, Mapping):
         return (), dict(example_input)

@@ -125,7 +125,7 @@ def _soft_axis(tensor: Tensor, axis: int, plan: Tensor, part: AxisPermutation) -
     """``t'[(o, c, i)] = Σ_j P[c, j] · t[(o, j, i)]`` on the part's segment of ``axis``."""
     moved = tensor.movedim(axis, 0)
     length = part.outer * plan.shape[-1] * part.inner
-    head, segment, tail = moved.split([part.offset, length, moved.shape[0] - part.offset - length])
+    head, segment, tail = torch.split(moved, [part.offset, length, moved.shape[0] - part.offset - length])
     blocks = segment.reshape(part.outer, plan.shape[-1], part.inner, -1)
     mixed = torch.einsum("cg,ogir->ocir", plan.to(blocks.dtype), blocks).reshape(segment.shape)
     return torch.cat([head, mixed, tail]).movedim(0, axis)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -219,7 +219,7 @@ def _solve_full(plan: Tensor, t_a: Tensor, t_b: Tensor, ridge: float) -> tuple[T
 class _ImplicitSinkhorn(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx,
+        ctx: Any,
         logits: Tensor,
         tau: float,
         n_iter: int,
@@ -241,7 +241,7 @@ class _ImplicitSinkhorn(torch.autograd.Function):
         return plan.to(logits.dtype)
 
     @staticmethod
-    def backward(ctx, grad_plan: Tensor):
+    def backward(ctx: Any, grad_plan: Tensor) -> tuple[Tensor | None, ...]:
         (plan,) = ctx.saved_tensors
         tau, solver, ridge, cg_max_iter, cg_tol = ctx.settings
         out_dtype, none = grad_plan.dtype, (None,) * 9
@@ -360,17 +360,20 @@ class Sinkhorn:
         n = logits.shape[-1]
         ridge = _default_ridge(work_dtype) if self.ridge is None else float(self.ridge)
         cg_iters = self.cg_max_iter if self.cg_max_iter is not None else 2 * n
-        return _ImplicitSinkhorn.apply(
-            logits,
-            tau,
-            n_iter,
-            self.linear_solver,
-            ridge,
-            int(cg_iters),
-            float(self.cg_tol),
-            work_dtype,
-            self.threshold,
-            peak,
+        return cast(
+            Tensor,
+            _ImplicitSinkhorn.apply(
+                logits,
+                tau,
+                n_iter,
+                self.linear_solver,
+                ridge,
+                int(cg_iters),
+                float(self.cg_tol),
+                work_dtype,
+                self.threshold,
+                peak,
+            ),
         )
 
     def balanced(self, error: float) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -224,7 +224,7 @@ def _describe(m: GroupMember) -> str:
 
 
 def _hand_written_axes(
-    groups: Mapping[str, Iterable[tuple]], shapes: Mapping[str, torch.Size | tuple[int, ...]]
+    groups: Mapping[str, Iterable[tuple[Any, ...]]], shapes: Mapping[str, torch.Size | tuple[int, ...]]
 ) -> tuple[dict[str, int], dict[str, tuple[AxisEntry, ...]]]:
     """Group sizes and axis entries of :meth:`PermutationSpec.from_groups`."""
     axes: dict[str, list[AxisEntry]] = {}
