@@ -326,7 +326,8 @@ class InterpolationStrategy(SupervisedTemplate):
     EWC, which move after it so that they keep the committed model.
 
     Args:
-        model, optimizer: as for any Avalanche strategy.
+        model: the network, as for any Avalanche strategy.
+        optimizer: its optimiser.
         config: an :class:`InterpolationConfig`; or pass its fields as keywords.
         spec: see :class:`WeightInterpolationPlugin`.
         plugins: other Avalanche plugins (a ``ReplayPlugin`` for ``align_data="buffer"``).

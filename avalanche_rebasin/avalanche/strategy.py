@@ -80,14 +80,16 @@ class RebasinStrategy(SupervisedTemplate):
     experiences ``strategy.model`` is the network being trained (see :class:`RebasinPlugin`).
 
     Args:
-        model, optimizer: the network and the optimiser of the first experience.
+        model: the network.
+        optimizer: the optimiser of the first experience.
         config: a :class:`RebasinConfig`; or pass its fields (``alpha``, ``tau``,
             ``rebasin_epochs``, …) as keywords. A re-basin experience runs
             ``rebasin_epochs`` epochs, by default ``train_epochs``.
         spec: a PermutationSpec (default: discovered from the model at every experience).
         plugins: other Avalanche plugins; those that would be silently wrong with Re-basin
             (EWC, SI, MAS, GDumb, …) are refused here with the reason.
-        **base_kwargs: everything ``SupervisedTemplate`` accepts (criterion, train_mb_size,
+        **kwargs: the :class:`RebasinConfig` fields, and everything ``SupervisedTemplate``
+            accepts (criterion, train_mb_size,
             train_epochs, eval_mb_size, device, evaluator, eval_every, …).
     """
 

@@ -62,11 +62,14 @@ class RebasinConfig:
         tau_final: anneal ``sinkhorn.tau`` geometrically to this value over each
             experience's steps.
         straight_through: forward with the hard ``P̂``, backward through the soft plan.
-        perm_lr, perm_init_noise: Adam lr of the logits; std of their initial noise.
+        perm_lr: Adam's learning rate of the logits.
+        perm_init_noise: standard deviation of their initial noise.
         perm_init: ``"identity"`` (``X = I + noise``) or ``"similarity"`` (``X`` = cosine
             similarity of θ's units + noise).
-        delta_optimizer, delta_lr, delta_clip, delta_init_std: δ's optimiser (``"sgd"``
-            or ``"adam"``), lr (0 freezes δ), gradient clip (None: none), initial std.
+        delta_optimizer: δ's optimiser, ``"sgd"`` or ``"adam"``.
+        delta_lr: its learning rate (0 freezes δ).
+        delta_clip: the clip of δ's gradient (None: none).
+        delta_init_std: the standard deviation of δ's initial values.
         rebasin_epochs: epochs of a re-basin experience (None: the strategy's ``train_epochs``).
         rebasin_steps: at least this many optimiser steps per re-basin experience,
             whatever the data size (overrides ``rebasin_epochs``).
