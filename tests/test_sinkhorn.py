@@ -17,7 +17,7 @@ def test_plan_is_doubly_stochastic():
     assert (plan >= 0).all()
 
 
-@pytest.mark.parametrize("solver", ["schur", "cg", "full"])
+@pytest.mark.parametrize("solver", ["auto", "schur", "cg", "full"])
 def test_implicit_backward_matches_unrolled_float64(solver):
     x = _logits(6, (2,)).requires_grad_()
     upstream = torch.randn(2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -53,7 +53,7 @@ def test_backward_leaves_upstream_gradient_untouched():
     assert torch.equal(upstream, before)
 
 
-@pytest.mark.parametrize("solver", ["schur", "cg", "full"])
+@pytest.mark.parametrize("solver", ["auto", "schur", "cg", "full"])
 def test_saturated_plan_does_not_crash(solver):
     x = (100.0 * torch.eye(6)).requires_grad_()
     plan = sinkhorn(x, tau=0.01, n_iter=20, linear_solver=solver)
@@ -102,7 +102,12 @@ def test_matrix_scaling_forward_equals_the_log_domain_iterates_and_falls_back_on
     from avalanche_rebasin.core.sinkhorn import _log_sinkhorn, _scaling_sinkhorn
 
     x = torch.randn(3, 40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 8
-    assert torch.allclose(_scaling_sinkhorn(x, 25), _log_sinkhorn(x, 25).exp(), atol=1e-12, rtol=0)
+    plan, potentials = _scaling_sinkhorn(x, 25)
+    log_plan = _log_sinkhorn(x, 25)
+    assert torch.allclose(plan, log_plan.exp(), atol=1e-12, rtol=0)
+    # they are the plan's column potentials: log P − X − β = α, one value per row
+    alpha = plan.log() - x - potentials.unsqueeze(-2)
+    assert torch.allclose(alpha, alpha[..., :1].expand_as(alpha), atol=1e-8, rtol=0)
     wide = x.float() * 10  # a range of X/τ beyond e^60: u, v could overflow in float32
     assert _scaling_sinkhorn(wide, 25) is None
     plan = sinkhorn(wide, tau=1.0, n_iter=25)
@@ -151,3 +156,73 @@ def test_align_takes_a_configured_solver_and_reports_whether_it_converged():
         stopping=Stopping(max_steps=3, patience=None, at_zero_cost=False),
     )
     assert starved.steps == 3 and starved.marginal_error > 1e-3 and not starved.plans_balanced
+
+
+@pytest.mark.parametrize("solver", ["auto", "cg"])
+def test_conjugate_gradients_match_the_dense_solve_on_large_plans_with_and_without_a_warm_start(solver):
+    """Above the size where "auto" stops solving densely, the matrix-free conjugate gradients
+    (from zero, then from the last solution) give the dense Schur solve's gradient."""
+    from avalanche_rebasin import WarmStart
+
+    x = _logits(160, (2,)).requires_grad_()
+    upstream = torch.randn(2, 160, 160, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    (Sinkhorn(0.3, 200, linear_solver="schur")(x) * upstream).sum().backward()
+    dense, x.grad = x.grad.clone(), None
+    warm = WarmStart()
+    for _ in range(2):  # cold, then warm from the first solve
+        (Sinkhorn(0.3, 200, linear_solver=solver)(x, warm) * upstream).sum().backward()
+        torch.testing.assert_close(x.grad, dense, atol=1e-9, rtol=1e-7)
+        assert warm.solution is not None and warm.solution.shape == (2, 160)
+        x.grad = None
+
+
+def test_warm_started_forward_reaches_the_fixed_point_in_fewer_iterations_and_gives_the_same_plan():
+    """From the last call's potentials, a slightly moved logit matrix needs a few iterations
+    to the threshold where a cold start needs many; both plans are the same fixed point."""
+    from avalanche_rebasin import WarmStart
+    from avalanche_rebasin.core import sinkhorn as module
+
+    x = _logits(50, dtype=torch.float64) * 6
+    moved = x + 0.01 * torch.randn(50, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    solver = Sinkhorn(tau=0.5, n_iter=2000, threshold=1e-9)
+    warm = WarmStart()
+    solver(x, warm)
+    counts = []
+    original = module._scaling_sinkhorn
+
+    def counting(*args, **kwargs):
+        out = original(*args, **kwargs)
+        counts.append(kwargs["init"] is not None)
+        return out
+
+    module._scaling_sinkhorn = counting
+    try:
+        cold = solver.solve(moved)
+        hot = solver.solve(moved, warm)
+    finally:
+        module._scaling_sinkhorn = original
+    assert counts == [False, True]  # the second call did start from the potentials
+    assert cold.balanced and hot.balanced
+    torch.testing.assert_close(hot.plan, cold.plan, atol=1e-8, rtol=0)
+    iterations = {}
+    for name, state in (("cold", None), ("warm", warm)):
+        log_v = torch.zeros(50, dtype=torch.float64) if state is None else state.potentials
+        kernel = (moved / 0.5 - (moved / 0.5).max()).exp()
+        v, steps = log_v.exp(), 0
+        while True:
+            u = 1 / (kernel @ v)
+            v = 1 / (kernel.T @ u)
+            steps += 1
+            if (u * (kernel @ v) - 1).abs().max() <= 1e-9:
+                break
+        iterations[name] = steps
+    assert iterations["warm"] * 3 < iterations["cold"], iterations
+
+
+def test_a_warm_start_of_another_shape_starts_cold():
+    from avalanche_rebasin import WarmStart
+
+    warm = WarmStart(potentials=torch.zeros(7), solution=torch.zeros(7))
+    plan = Sinkhorn(n_iter=200)(_logits(5), warm)
+    torch.testing.assert_close(plan, Sinkhorn(n_iter=200)(_logits(5)))
+    assert warm.potentials.shape == (5,)

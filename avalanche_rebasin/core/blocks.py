@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .sinkhorn import Sinkhorn, hard_permutation
+from .sinkhorn import Sinkhorn, WarmStart, hard_permutation
 
 __all__ = ["blocked_hard_permutation", "blocked_sinkhorn", "diagonal_blocks"]
 
@@ -33,11 +33,13 @@ def _block_diag(tiles: Tensor) -> Tensor:
     return full.reshape(*batch, blocks * m, blocks * m)
 
 
-def blocked_sinkhorn(logits: Tensor, blocks: int, solver: Sinkhorn) -> Tensor:
+def blocked_sinkhorn(
+    logits: Tensor, blocks: int, solver: Sinkhorn, warm_start: WarmStart | None = None
+) -> Tensor:
     """Sinkhorn plan restricted to block-diagonal couplings (``blocks = 1``: plain Sinkhorn)."""
     if blocks == 1:
-        return solver(logits)
-    return _block_diag(solver(diagonal_blocks(logits, blocks)))
+        return solver(logits, warm_start)
+    return _block_diag(solver(diagonal_blocks(logits, blocks), warm_start))
 
 
 def blocked_hard_permutation(scores: Tensor, blocks: int = 1) -> Tensor:

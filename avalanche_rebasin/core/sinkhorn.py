@@ -19,14 +19,22 @@ upstream gradient ``G`` and ``Ĝ = G ⊙ P``,
 
 ``K`` has the null vector ``[1; −1]``; fixing ``d_b[n−1] = 0`` removes it. The solve
 uses the Schur complement ``S = diag(b) − Pᵀ diag(1/a) P`` (size ``n−1`` instead of
-``2n−1``), either densely (``"schur"``) or by conjugate gradients (``"cg"``); ``"full"``
-solves the whole ``(2n−1)`` system (the reference). All add a
-small ridge so that a saturated plan (``S → 0``) gives a finite (zero) gradient.
-Memory is ``O(n²)`` whatever the iteration count.
+``2n−1``), either densely (``"schur"``, O(n³)) or by matrix-free Jacobi-preconditioned
+conjugate gradients (``"cg"``, O(n²) per iteration); ``"auto"`` (the default) runs a few
+conjugate-gradient steps and solves densely only when they fall short, and ``"full"`` solves
+the whole ``(2n−1)`` system (the reference). All add a small ridge so that a saturated plan
+(``S → 0``) gives a finite (zero) gradient. Memory is ``O(n²)`` whatever the iteration count.
+
+Warm starts (:class:`WarmStart`): logits trained by gradient descent move little per step,
+so the forward can start from the last call's potentials and stop on the marginal-error
+threshold, and the conjugate gradients from the last solution. The implicit gradient is
+exact at the fixed point, so a converged warm start is more exact than a fixed number of
+cold iterations, not less.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -41,6 +49,7 @@ from .validation import check_choice, check_integer, check_real
 __all__ = [
     "Sinkhorn",
     "SinkhornOutput",
+    "WarmStart",
     "hard_permutation",
     "marginal_error",
     "permutation_matrix",
@@ -48,54 +57,88 @@ __all__ = [
 ]
 
 BackwardMode = Literal["implicit", "unrolled"]
-LinearSolver = Literal["schur", "cg", "full"]
+LinearSolver = Literal["auto", "schur", "cg", "full"]
 
 
-def _check_logits(logits: Tensor) -> None:
+def _check_shape(logits: Tensor) -> None:
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"Sinkhorn expects square logits of shape (..., n, n), got {tuple(logits.shape)}.")
     if not logits.is_floating_point():
         raise ValueError(f"Sinkhorn logits must be floating point, got dtype {logits.dtype}.")
-    if not torch.isfinite(logits).all():
-        raise ValueError(
-            "Sinkhorn logits contain NaN or infinite values; check the weights or the "
-            "learning rate that produced them."
-        )
 
 
-def _work_dtype(logits: Tensor, tau: float) -> tuple[torch.dtype, float]:
-    """The dtype Sinkhorn runs in (float32 for half/bfloat16, float64 if ``logits / τ`` would
-    overflow) and ``max |X/τ|`` (one host sync, reused to choose matrix scaling).
+@dataclass(frozen=True)
+class _Range:
+    """What one ``aminmax`` of the logits tells: the dtype Sinkhorn runs in, ``max |X/τ|``
+    and ``max X`` (the kernel's shift)."""
+
+    work_dtype: torch.dtype
+    peak: float
+    high: float
+
+
+def _logit_range(logits: Tensor, tau: float) -> _Range:
+    """One reduction and one host sync: refuses non-finite logits and chooses the work dtype
+    (float32 for half/bfloat16, float64 if ``X / τ`` would overflow).
 
     The log-domain iteration forms differences ``X_ij/τ − logsumexp``, so it needs
     ``max |X/τ|`` well below the dtype's largest value; raises ``ValueError`` otherwise.
     """
+    if logits.numel() == 0:
+        return _Range(logits.dtype, 0.0, 0.0)
+    low, high = (float(v) for v in torch.stack(torch.aminmax(logits.detach())).tolist())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(
+            "Sinkhorn logits contain NaN or infinite values; check the weights or the "
+            "learning rate that produced them."
+        )
     dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
-    peak = float(logits.detach().abs().amax()) if logits.numel() else 0.0
-    scaled = peak / tau  # a Python float: inf rather than an error on overflow
+    peak = max(abs(low), abs(high)) / tau  # a Python float: inf rather than an error on overflow
     for candidate in (dtype, torch.float64):
-        if scaled <= torch.finfo(candidate).max / 8:
-            return candidate, scaled
+        if peak <= torch.finfo(candidate).max / 8:
+            return _Range(candidate, peak, high)
     raise ValueError(
-        f"Sinkhorn: logits / tau overflows even in float64 (max |logits| = {peak:.3g}, tau = {tau:.3g}); "
-        "use a larger tau or rescale the logits (e.g. logits / logits.abs().max())."
+        f"Sinkhorn: logits / tau overflows even in float64 (max |logits| = {peak * tau:.3g}, "
+        f"tau = {tau:.3g}); use a larger tau or rescale the logits (e.g. logits / logits.abs().max())."
     )
 
 
-_CHECK_EVERY = 5  # iterations between two marginal-error checks (each one a host sync)
+@dataclass
+class WarmStart:
+    """What a Sinkhorn call leaves for the next one on slowly moving logits (ott-jax's ``init``).
+
+    ``potentials``: the forward's column potentials ``β = log v`` (``P = diag(e^α) e^{X/τ}
+    diag(e^β)``); the next forward starts from them instead of ``β = 0``. ``solution``: the
+    implicit backward's last ``d_b``, the next conjugate-gradient solve's starting point.
+    Pass one object to every call on the same logits; a change of shape starts cold.
+    """
+
+    potentials: Tensor | None = None
+    solution: Tensor | None = None
+
+    def start(self, like: Tensor, which: str) -> Tensor | None:
+        value: Tensor | None = getattr(self, which)
+        if value is None or value.shape != like.shape or value.device != like.device:
+            return None
+        return value.to(like.dtype)
+
+
+_CHECK_EVERY = 5  # iterations between two marginal-error checks of a cold start (each a host sync)
 
 
 def _row_error(log_s: Tensor) -> float:
     return float((torch.logsumexp(log_s, dim=-1).exp() - 1).abs().max())
 
 
-def _log_sinkhorn(log_s: Tensor, n_iter: int, threshold: float | None = None) -> Tensor:
+def _log_sinkhorn(
+    log_s: Tensor, n_iter: int, threshold: float | None = None, check_every: int = _CHECK_EVERY
+) -> Tensor:
     """At most ``n_iter`` rounds of row then column normalisation in the log domain; with a
     ``threshold``, fewer once the row marginals are within it (columns are exact)."""
     for i in range(n_iter):
         log_s = log_s - torch.logsumexp(log_s, dim=-1, keepdim=True)
         log_s = log_s - torch.logsumexp(log_s, dim=-2, keepdim=True)
-        if threshold is not None and (i + 1) % _CHECK_EVERY == 0 and _row_error(log_s) <= threshold:
+        if threshold is not None and (i + 1) % check_every == 0 and _row_error(log_s) <= threshold:
             break
     return log_s
 
@@ -104,45 +147,71 @@ _EXP_RANGE = {torch.float32: 60.0, torch.float64: 600.0}  # e^range: far from ov
 
 
 def _scaling_sinkhorn(
-    scaled: Tensor, n_iter: int, threshold: float | None = None, peak: float | None = None
-) -> Tensor | None:
-    """The same iterates as :func:`_log_sinkhorn`, as matrix scaling: ``P = diag(u) K diag(v)``
-    with ``K = exp(X/τ − max)``, ``u = 1 / (K v)``, ``v = 1 / (Kᵀ u)``. Matrix-vector
-    products instead of a logsumexp over the matrix per half-iteration; used when the
-    range of ``X/τ`` keeps ``u`` and ``v`` finite, else None (the log domain is used).
-    A known ``peak = max |X/τ|`` bounds the range by ``2·peak`` without another reduction."""
-    limit = _EXP_RANGE.get(scaled.dtype)
-    if limit is None or scaled.numel() == 0:
+    logits: Tensor,
+    n_iter: int,
+    threshold: float | None = None,
+    peak: float | None = None,
+    *,
+    tau: float = 1.0,
+    high: float | None = None,
+    init: Tensor | None = None,
+    check_every: int = _CHECK_EVERY,
+) -> tuple[Tensor, Tensor] | None:
+    """The same iterates as :func:`_log_sinkhorn` on ``X/τ``, as matrix scaling:
+    ``P = diag(u) K diag(v)`` with ``K = exp((X − max X)/τ)``, ``u = 1 / (K v)``,
+    ``v = 1 / (Kᵀ u)``, from ``v = e^init`` (``init`` = column potentials; ones when None).
+    Matrix-vector products instead of a logsumexp over the matrix per half-iteration, the
+    kernel built in one buffer, and the stopping check reuses the next iteration's ``K v``.
+    Used when the range of ``X/τ`` keeps ``u`` and ``v`` finite (``peak = max |X/τ|`` bounds
+    it by ``2·peak``), else None (the log domain is used). Returns the plan and its column
+    potentials ``log v``.
+    """
+    limit = _EXP_RANGE.get(logits.dtype)
+    if limit is None or logits.numel() == 0:
         return None
-    top = scaled.amax(dim=(-2, -1), keepdim=True)
     if peak is None:
-        peak = float((top - scaled.amin(dim=(-2, -1), keepdim=True)).max()) / 2
+        peak = float(logits.abs().amax()) / tau
     if 2 * peak > limit:
         return None
-    kernel = torch.exp(scaled - top)
-    v = torch.ones(scaled.shape[:-1], dtype=scaled.dtype, device=scaled.device)
+    kernel = torch.sub(logits, float(logits.amax()) if high is None else high)
+    if tau != 1.0:
+        kernel.mul_(1.0 / tau)
+    kernel.exp_()  # entries in [e^(−2·peak), 1]
+    v = (
+        torch.ones(logits.shape[:-1], dtype=logits.dtype, device=logits.device)
+        if init is None
+        else init.exp()
+    )
+    kv = (kernel @ v.unsqueeze(-1)).squeeze(-1)
     for i in range(n_iter):
-        u = 1.0 / (kernel @ v.unsqueeze(-1)).squeeze(-1)
-        v = 1.0 / (kernel.transpose(-1, -2) @ u.unsqueeze(-1)).squeeze(-1)
-        if threshold is not None and (i + 1) % _CHECK_EVERY == 0:
-            rows = u * (kernel @ v.unsqueeze(-1)).squeeze(-1)
-            if float((rows - 1).abs().max()) <= threshold:
-                break
-    return u.unsqueeze(-1) * kernel * v.unsqueeze(-2)
+        u = kv.reciprocal()
+        v = (kernel.transpose(-1, -2) @ u.unsqueeze(-1)).squeeze(-1).reciprocal_()
+        if i + 1 == n_iter:
+            break
+        kv = (kernel @ v.unsqueeze(-1)).squeeze(-1)
+        checked = threshold is not None and (i + 1) % check_every == 0
+        if checked and float((u * kv - 1).abs().max()) <= (threshold or 0.0):
+            break
+    return kernel.mul_(u.unsqueeze(-1)).mul_(v.unsqueeze(-2)), v.log()
 
 
 def _default_ridge(dtype: torch.dtype) -> float:
     return 100.0 * torch.finfo(dtype).eps
 
 
-def _schur_system(plan: Tensor, t_a: Tensor, t_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Reduce ``K d = t`` to ``S d_b = r`` on the first ``n−1`` column multipliers."""
+def _schur_rhs(plan: Tensor, t_a: Tensor, t_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The marginals ``a = P·1``, ``b = Pᵀ·1`` and the right-hand side
+    ``r = t_b − Pᵀ diag(1/a) t_a`` of the Schur system ``S d_b = r``."""
     a = plan.sum(-1)  # (..., n)
     b = plan.sum(-2)
-    p_over_a = plan / a.unsqueeze(-1)
-    schur = torch.diag_embed(b) - plan.transpose(-1, -2) @ p_over_a
-    rhs = t_b - (p_over_a.transpose(-1, -2) @ t_a.unsqueeze(-1)).squeeze(-1)
-    return schur[..., :-1, :-1], rhs[..., :-1], a
+    rhs = t_b - (plan.transpose(-1, -2) @ (t_a / a).unsqueeze(-1)).squeeze(-1)
+    return a, b, rhs
+
+
+def _schur_matrix(plan: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``S = diag(b) − Pᵀ diag(1/a) P`` without its last row and column (O(n³))."""
+    schur = torch.diag_embed(b) - plan.transpose(-1, -2) @ (plan / a.unsqueeze(-1))
+    return schur[..., :-1, :-1]
 
 
 def _min_norm_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
@@ -179,29 +248,67 @@ def _solve_dense(matrix: Tensor, rhs: Tensor, ridge: float) -> Tensor:
     return solution
 
 
-def _solve_cg(matrix: Tensor, rhs: Tensor, ridge: float, max_iter: int, tol: float) -> Tensor:
-    """Batched conjugate gradients on the SPD system ``(S + ridge·I) x = rhs``."""
+def _solve_cg(
+    plan: Tensor,
+    a: Tensor,
+    b: Tensor,
+    rhs: Tensor,
+    ridge: float,
+    max_iter: int,
+    tol: float,
+    start: Tensor | None = None,
+) -> tuple[Tensor, bool]:
+    """Jacobi-preconditioned conjugate gradients on ``(S + ridge·I) d_b = r`` over all ``n``
+    column multipliers, matrix-free: ``S v = b ⊙ v − Pᵀ((P v) / a)`` costs two
+    matrix-vector products (O(n²)), never the O(n³) product ``S`` itself.
 
-    def apply(v: Tensor) -> Tensor:
-        return (matrix @ v.unsqueeze(-1)).squeeze(-1) + ridge * v
+    ``S`` is singular along ``1`` (the gauge ``d_a + c, d_b − c``, which leaves ``∂L/∂X``
+    unchanged) and ``r ⊥ 1``, so no multiplier is pinned: pinning one would leave an
+    eigenvalue ~``1/n`` and ~``√n`` iterations, where the other eigenvalues ``1 − σ_k(P)²``
+    of a diffuse plan are near 1 and a few iterations suffice. Starts from ``start`` (the
+    previous solve's) when given; stops at ``‖r − S d_b‖ ≤ tol·‖r‖``. Returns the solution
+    and whether every system reached the tolerance.
+    """
+    n = plan.shape[-1]
+    batch = plan.shape[:-2]
+    plan = plan.reshape(-1, n, n)
+    plan_t = plan.transpose(-1, -2)
+    inverse_a = a.reshape(-1, n, 1).reciprocal()
+    b = b.reshape(-1, n, 1)
 
-    x = torch.zeros_like(rhs)
-    r = rhs.clone()
-    p = r.clone()
-    rs = (r * r).sum(-1, keepdim=True)
-    threshold = (tol**2) * (rhs * rhs).sum(-1, keepdim=True).clamp_min(torch.finfo(rhs.dtype).tiny)
-    for _ in range(max_iter):
-        if bool((rs <= threshold).all()):
+    def apply(v: Tensor) -> Tensor:  # (m, n, 1) → (S + ridge·I) v
+        moved = torch.bmm(plan, v).mul_(inverse_a)
+        return torch.baddbmm(b * v, plan_t, moved, alpha=-1).add_(v, alpha=ridge)
+
+    target = rhs.reshape(-1, n, 1)
+    target = target - target.mean(-2, keepdim=True)  # exactly ⊥ 1, as it is up to round-off
+    # Jacobi: diag S = b_j − Σ_i P_ij² / a_i, with a_i ≈ 1 (a reduction, no n × n temporary)
+    squares = torch.linalg.vecdot(plan, plan, dim=-2).unsqueeze(-1)
+    tiny = torch.finfo(rhs.dtype).tiny
+    preconditioner = (b - squares + ridge).clamp_min(tiny).reciprocal_()
+    if start is None:
+        x, r = torch.zeros_like(target), target.clone()
+    else:
+        x = start.reshape(-1, n, 1).clone()
+        r = target - apply(x)
+    z = preconditioner * r
+    p = z.clone()
+    rz = torch.linalg.vecdot(r, z, dim=-2)
+    threshold = (tol**2) * torch.linalg.vecdot(target, target, dim=-2).clamp_min(tiny)
+    converged = False
+    for step_count in range(max_iter + 1):
+        converged = bool((torch.linalg.vecdot(r, r, dim=-2) <= threshold).all())
+        if converged or step_count == max_iter:
             break
         ap = apply(p)
-        denom = (p * ap).sum(-1, keepdim=True)
-        step = torch.where(denom > 0, rs / denom.clamp_min(torch.finfo(rhs.dtype).tiny), 0.0)
-        x = x + step * p
-        r = r - step * ap
-        rs_new = (r * r).sum(-1, keepdim=True)
-        p = r + (rs_new / rs.clamp_min(torch.finfo(rhs.dtype).tiny)) * p
-        rs = rs_new
-    return x
+        step = (rz / torch.linalg.vecdot(p, ap, dim=-2).clamp_min(tiny)).unsqueeze(-1)
+        x.addcmul_(step, p)
+        r.addcmul_(step, ap, value=-1)
+        z = preconditioner * r
+        rz_new = torch.linalg.vecdot(r, z, dim=-2)
+        p.mul_((rz_new / rz.clamp_min(tiny)).unsqueeze(-1)).add_(z)
+        rz = rz_new
+    return x.reshape(*batch, n), converged
 
 
 def _solve_full(plan: Tensor, t_a: Tensor, t_b: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
@@ -216,52 +323,97 @@ def _solve_full(plan: Tensor, t_a: Tensor, t_b: Tensor, ridge: float) -> tuple[T
     return solution[..., :n], d_b
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """The solver's settings as one forward and its backward use them."""
+
+    tau: float
+    n_iter: int
+    linear_solver: str
+    ridge: float
+    cg_max_iter: int
+    cg_tol: float
+    threshold: float | None
+    check_every: int
+
+
+def _forward_plan(logits: Tensor, settings: _Settings, span: _Range, warm: WarmStart | None) -> Tensor:
+    """The plan in the work dtype (matrix scaling, else the log domain), from ``warm``'s
+    potentials when it has them; writes the new potentials back to ``warm``."""
+    work = logits.detach().to(span.work_dtype)
+    init = None if warm is None else warm.start(work[..., 0, :], "potentials")
+    every = 1 if init is not None else settings.check_every  # a warm start is a few iterations
+    tau, high = settings.tau, span.high
+    scaling = _scaling_sinkhorn(
+        work, settings.n_iter, settings.threshold, span.peak, tau=tau, high=high, init=init, check_every=every
+    )
+    if scaling is not None:
+        plan, potentials = scaling
+    else:
+        scaled = work / tau
+        start = scaled if init is None else scaled + init.unsqueeze(-2)
+        log_plan = _log_sinkhorn(start, settings.n_iter, settings.threshold, every)
+        plan, potentials = log_plan.exp(), log_plan[..., 0, :] - scaled[..., 0, :]
+    if warm is not None:
+        warm.potentials = potentials
+    return plan
+
+
+def _column_multipliers(
+    plan: Tensor, t_a: Tensor, t_b: Tensor, settings: _Settings, warm: WarmStart | None
+) -> Tensor:
+    """``d_b`` (any gauge): dense Schur on the first ``n−1`` (``"schur"``, ``d_b[n−1] = 0``),
+    conjugate gradients on all ``n`` (``"cg"``), or (``"auto"``) conjugate gradients from the
+    last solve for at most ``cg_max_iter`` steps and the dense solve only if they fall short."""
+    a, b, rhs = _schur_rhs(plan, t_a, t_b)
+    solver, n = settings.linear_solver, plan.shape[-1]
+    if solver == "cg" or (solver == "auto" and n >= _AUTO_DENSE_BELOW):
+        start = None if warm is None else warm.start(rhs, "solution")
+        tol = max(settings.cg_tol, _CG_TOL_EPS * torch.finfo(plan.dtype).eps)
+        d_b, converged = _solve_cg(plan, a, b, rhs, settings.ridge, settings.cg_max_iter, tol, start)
+        if converged or solver == "cg":
+            if warm is not None:
+                warm.solution = d_b
+            return d_b
+    head = _solve_dense(_schur_matrix(plan, a, b), rhs[..., :-1], settings.ridge)
+    return torch.nn.functional.pad(head, (0, 1))
+
+
+_AUTO_DENSE_BELOW = 128  # "auto" solves smaller plans densely: O(n³) is then cheaper than a CG loop
+_CG_TOL_EPS = 100  # conjugate gradients stop no closer than 100 ulps of the work dtype
+
+
 class _ImplicitSinkhorn(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any,
-        logits: Tensor,
-        tau: float,
-        n_iter: int,
-        solver: str,
-        ridge: float,
-        cg_max_iter: int,
-        cg_tol: float,
-        work_dtype: torch.dtype,
-        threshold: float | None,
-        peak: float,
+        ctx: Any, logits: Tensor, settings: _Settings, span: _Range, warm: WarmStart | None
     ) -> Tensor:
         with torch.no_grad():
-            scaled = logits.to(work_dtype) / tau
-            plan = _scaling_sinkhorn(scaled, n_iter, threshold, peak)
-            if plan is None:
-                plan = _log_sinkhorn(scaled, n_iter, threshold).exp()
+            plan = _forward_plan(logits, settings, span, warm)
         ctx.save_for_backward(plan)  # kept in the work dtype: the solve below runs in it
-        ctx.settings = (tau, solver, ridge, cg_max_iter, cg_tol)
+        ctx.settings, ctx.warm = settings, warm
         return plan.to(logits.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_plan: Tensor) -> tuple[Tensor | None, ...]:
         (plan,) = ctx.saved_tensors
-        tau, solver, ridge, cg_max_iter, cg_tol = ctx.settings
-        out_dtype, none = grad_plan.dtype, (None,) * 9
+        settings: _Settings = ctx.settings
+        out_dtype = grad_plan.dtype
         if plan.shape[-1] == 1:  # the only 1×1 plan is [[1]], whatever the logits
-            return torch.zeros_like(grad_plan), *none
+            return torch.zeros_like(grad_plan), None, None, None
         g_hat = grad_plan.to(plan.dtype) * plan  # a new tensor: the incoming gradient is never written
         t_a = g_hat.sum(-1)
         t_b = g_hat.sum(-2)
-        if solver == "full":
-            d_a, d_b = _solve_full(plan, t_a, t_b, ridge)
+        if settings.linear_solver == "full":
+            d_a, d_b = _solve_full(plan, t_a, t_b, settings.ridge)
         else:
-            schur, rhs, a = _schur_system(plan, t_a, t_b)
-            if solver == "cg":
-                d_b_head = _solve_cg(schur, rhs, ridge, cg_max_iter, cg_tol)
-            else:
-                d_b_head = _solve_dense(schur, rhs, ridge)
-            d_b = torch.cat([d_b_head, torch.zeros_like(d_b_head[..., :1])], dim=-1)
-            d_a = (t_a - (plan @ d_b.unsqueeze(-1)).squeeze(-1)) / a
-        grad_logits = (g_hat - plan * (d_a.unsqueeze(-1) + d_b.unsqueeze(-2))) / tau
-        return grad_logits.to(out_dtype), *none
+            d_b = _column_multipliers(plan, t_a, t_b, settings, ctx.warm)
+            d_a = (t_a - (plan @ d_b.unsqueeze(-1)).squeeze(-1)) / plan.sum(-1)
+        # ∂L/∂X = (Ĝ − P ⊙ (d_a 1ᵀ + 1 d_bᵀ)) / τ, written into Ĝ's buffer
+        grad = g_hat.addcmul_(plan, d_a.unsqueeze(-1), value=-1).addcmul_(plan, d_b.unsqueeze(-2), value=-1)
+        if settings.tau != 1.0:
+            grad.mul_(1.0 / settings.tau)
+        return grad.to(out_dtype), None, None, None
 
 
 def sinkhorn(
@@ -270,7 +422,7 @@ def sinkhorn(
     n_iter: int = 20,
     *,
     backward: BackwardMode = "implicit",
-    linear_solver: LinearSolver = "schur",
+    linear_solver: LinearSolver = "auto",
     ridge: float | None = None,
     cg_max_iter: int | None = None,
     cg_tol: float = 1e-10,
@@ -332,7 +484,7 @@ class Sinkhorn:
     tau: float = 1.0
     n_iter: int = 20
     backward: BackwardMode = "implicit"
-    linear_solver: LinearSolver = "schur"
+    linear_solver: LinearSolver = "auto"
     ridge: float | None = None
     cg_max_iter: int | None = None
     cg_tol: float = 1e-10
@@ -342,7 +494,7 @@ class Sinkhorn:
         check_real("tau", self.tau, 0, strict=True)
         check_integer("n_iter", self.n_iter, 1)
         check_choice("backward", self.backward, ("implicit", "unrolled"))
-        check_choice("linear_solver", self.linear_solver, ("schur", "cg", "full"))
+        check_choice("linear_solver", self.linear_solver, ("auto", "schur", "cg", "full"))
         if self.ridge is not None:
             check_real("ridge", self.ridge, 0)
         check_integer("cg_max_iter", self.cg_max_iter, 1, optional=True)
@@ -350,38 +502,44 @@ class Sinkhorn:
         if self.threshold is not None:
             check_real("threshold", self.threshold, 0, strict=True)
 
-    def __call__(self, logits: Tensor) -> Tensor:
-        """The plan ``Sinkhorn(X / τ)`` of square logits ``(..., n, n)`` (see :func:`sinkhorn`)."""
-        _check_logits(logits)
+    def __call__(self, logits: Tensor, warm_start: WarmStart | None = None) -> Tensor:
+        """The plan ``Sinkhorn(X / τ)`` of square logits ``(..., n, n)`` (see :func:`sinkhorn`).
+
+        ``warm_start`` (a :class:`WarmStart`, reused across calls) starts the forward from the
+        previous call's potentials, checking the threshold every iteration, and the backward's
+        conjugate gradients from its previous solution.
+        """
+        _check_shape(logits)
         tau, n_iter = float(self.tau), int(self.n_iter)
-        work_dtype, peak = _work_dtype(logits, tau)
+        span = _logit_range(logits, tau)
         if self.backward == "unrolled":
-            return _log_sinkhorn(logits.to(work_dtype) / tau, n_iter, self.threshold).exp().to(logits.dtype)
+            return (
+                _log_sinkhorn(logits.to(span.work_dtype) / tau, n_iter, self.threshold).exp().to(logits.dtype)
+            )
         n = logits.shape[-1]
-        ridge = _default_ridge(work_dtype) if self.ridge is None else float(self.ridge)
-        cg_iters = self.cg_max_iter if self.cg_max_iter is not None else 2 * n
-        return cast(
-            Tensor,
-            _ImplicitSinkhorn.apply(
-                logits,
-                tau,
-                n_iter,
-                self.linear_solver,
-                ridge,
-                int(cg_iters),
-                float(self.cg_tol),
-                work_dtype,
-                self.threshold,
-                peak,
-            ),
+        settings = _Settings(
+            tau=tau,
+            n_iter=n_iter,
+            linear_solver=self.linear_solver,
+            ridge=_default_ridge(span.work_dtype) if self.ridge is None else float(self.ridge),
+            cg_max_iter=int(self.cg_max_iter if self.cg_max_iter is not None else self._default_cg_iters(n)),
+            cg_tol=float(self.cg_tol),
+            threshold=self.threshold,
+            check_every=_CHECK_EVERY,
         )
+        return cast(Tensor, _ImplicitSinkhorn.apply(logits, settings, span, warm_start))
+
+    def _default_cg_iters(self, n: int) -> int:
+        """``2n`` for ``"cg"``; for ``"auto"``, ``max(16, n // 8)``, about where n steps of two
+        matrix-vector products cost what the dense O(n³) solve does."""
+        return max(16, n // 8) if self.linear_solver == "auto" else 2 * n
 
     def balanced(self, error: float) -> bool:
         """Whether a plan's marginal error is within ``threshold`` (1e-3 when none is set)."""
         return error <= (self.threshold or 1e-3)
 
-    def solve(self, logits: Tensor) -> SinkhornOutput:
-        plan = self(logits)
+    def solve(self, logits: Tensor, warm_start: WarmStart | None = None) -> SinkhornOutput:
+        plan = self(logits, warm_start)
         error = marginal_error(plan)
         return SinkhornOutput(plan, error, self.balanced(error))
 
