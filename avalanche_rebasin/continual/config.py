@@ -31,13 +31,14 @@ from .interpolation import ALIGNMENTS
 __all__ = ["ALIGN_DATA", "PRESETS", "InterpolationConfig", "RebasinConfig"]
 
 #: Named settings (keyword arguments of :class:`RebasinConfig`).
-#: ``paper``: the authors' Rotated-MNIST protocol, 5 epochs per re-basin experience.
+#: ``paper``: the authors' Rotated-MNIST protocol, 5 epochs per re-basin experience, and
+#: their forward: 20 Sinkhorn iterations from ``β = 0`` at every step (no warm start).
 #: ``midpoint``: the paper's training (soft plan, midpoint) with δ on Adam (lr 1e-3, no
 #: clip), a budget that does not starve on small data sets.
 #: ``consistent``: the same δ budget, and trains what is committed: weight α = 0.2 on
 #: ``π(θ)`` in training too, the hard permutation in the forward (straight-through).
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"rebasin_epochs": 5},
+    "paper": {"rebasin_epochs": 5, "sinkhorn": Sinkhorn(), "warm_start": False},
     "midpoint": {"delta_optimizer": "adam", "delta_lr": 1e-3, "delta_clip": None},
     "consistent": {
         "train_alpha": 0.2,
@@ -49,6 +50,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: the default Sinkhorn forward stops once the marginals are this close (float32 reaches it)
+SINKHORN_THRESHOLD = 1e-4
+
+
 @dataclass(frozen=True)
 class RebasinConfig:
     """Every setting of the method; the defaults are the authors' protocol.
@@ -58,10 +63,18 @@ class RebasinConfig:
         train_alpha: share ``a`` of ``π_P(θ)`` in the network trained at each step,
             ``(1 − a)θ + aπ_P(θ) + δ``, in [0, 1] (paper: 0.5; None: same as ``alpha``).
         beta: weight of ``‖δ‖²`` (the published weight decay 0.1 on δ is β = 0.05).
-        sinkhorn: the Sinkhorn operator of the plans (default: τ = 1, 20 iterations).
+        sinkhorn: the Sinkhorn operator of the plans (default: τ = 1, at most 20 iterations,
+            stopping at a marginal error of 1e-4).
         tau_final: anneal ``sinkhorn.tau`` geometrically to this value over each
             experience's steps.
         straight_through: forward with the hard ``P̂``, backward through the soft plan.
+        association: where the soft plans of plain linear layers are applied: ``"auto"``
+            (per layer and batch, the order with fewer MACs), ``"weight"`` (form
+            ``P W Pᵀ``) or ``"activation"`` (apply ``P`` to activations); the same function
+            either way (see :mod:`~avalanche_rebasin.continual.association`).
+        warm_start: start each step's Sinkhorn forward from the last step's potentials and
+            its backward's conjugate gradients from the last solution (with
+            ``sinkhorn.threshold``, the forward stops once the plan is balanced).
         perm_lr: Adam's learning rate of the logits.
         perm_init_noise: standard deviation of their initial noise.
         perm_init: ``"identity"`` (``X = I + noise``) or ``"similarity"`` (``X`` = cosine
@@ -85,9 +98,11 @@ class RebasinConfig:
     alpha: float = 0.2
     train_alpha: float | None = 0.5
     beta: float = 0.05
-    sinkhorn: Sinkhorn = field(default_factory=Sinkhorn)
+    sinkhorn: Sinkhorn = field(default_factory=lambda: Sinkhorn(threshold=SINKHORN_THRESHOLD))
     tau_final: float | None = None
     straight_through: bool = False
+    association: Literal["auto", "weight", "activation"] = "auto"
+    warm_start: bool = True
     perm_lr: float = 0.1
     perm_init_noise: float = 0.1
     perm_init: Literal["identity", "similarity"] = "identity"
@@ -128,7 +143,7 @@ class RebasinConfig:
             settings["n_iter"] = settings.pop("sinkhorn_iters")
         operator = {k: settings.pop(k) for k in SINKHORN_SETTINGS if k in settings}
         if operator:
-            base = settings.pop("sinkhorn", Sinkhorn())
+            base = settings.pop("sinkhorn", Sinkhorn(threshold=SINKHORN_THRESHOLD))
             settings["sinkhorn"] = dataclasses.replace(base, **operator)
         return cls(**settings)
 
@@ -167,8 +182,12 @@ _INTEGERS = {
     "seed": ("an integer >= 0", lambda v: v >= 0),
     "diagnostic_samples": ("an integer >= 0", lambda v: v >= 0),
 }
-_BOOLEANS = ("straight_through", "permute", "bn_reestimate")
-_CHOICES = {"perm_init": ("identity", "similarity"), "delta_optimizer": ("sgd", "adam")}
+_BOOLEANS = ("straight_through", "warm_start", "permute", "bn_reestimate")
+_CHOICES = {
+    "perm_init": ("identity", "similarity"),
+    "delta_optimizer": ("sgd", "adam"),
+    "association": ("auto", "weight", "activation"),
+}
 _OPTIONAL = {f.name for f in dataclasses.fields(RebasinConfig) if "None" in str(f.type)}
 
 

@@ -29,6 +29,7 @@ from ..core.sinkhorn import Sinkhorn, permutation_matrix
 from ..core.spec import PermutationSpec
 from ..core.state import interpolate_state, mix, model_state
 from ..core.validation import check_finite
+from .association import MixedLinearWeight, plain_linear_weights
 from .config import RebasinConfig
 from .grouped_optimizer import GroupedOptimizer
 
@@ -43,6 +44,7 @@ __all__ = [
     "experience_report",
     "first_non_finite",
     "make_optimizer",
+    "penalty_value",
 ]
 
 
@@ -136,9 +138,17 @@ class RebasinNetwork(nn.Module):
             self.permutation = PermutationLogits(self.spec, init).to(next(iter(theta.values())).device)
         self.steps_done = 0
         self.steps_total = max(int(steps_total), 1)
+        # layers whose F.linear may run in activation space (see continual.association)
+        in_activations = (
+            self.permutation is not None and config.association != "weight" and config.train_alpha
+        )
+        self.linear_groups = (
+            plain_linear_weights(model, self.spec, self.delta_names) if in_activations else {}
+        )
 
     def theta_state(self) -> dict[str, Tensor]:
-        return {n: self.theta.get_buffer(_key(n)) for n in self.names}
+        buffers = self.theta._buffers
+        return {n: buffers[_key(n)] for n in self.names}  # type: ignore[misc]  # all registered
 
     def delta_state(self) -> dict[str, Tensor]:
         return {n: self.delta[_key(n)] for n in self.trainable}
@@ -162,7 +172,7 @@ class RebasinNetwork(nn.Module):
     def plans(self) -> dict[str, Tensor]:
         """The plans used in training: soft, or the hard forward with the soft gradient."""
         assert self.permutation is not None
-        plans = self.permutation.plans(self.solver)
+        plans = self.permutation.plans(self.solver, warm_start=self.config.warm_start)
         if not self.config.straight_through:
             return plans
         hard = self.permutation.hard()
@@ -173,24 +183,50 @@ class RebasinNetwork(nn.Module):
 
     def trained_state(self, hard: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """``(1 − a)θ + aπ(θ) + δ`` for trainable parameters (the training plans, or ``hard``),
-        θ for frozen ones, the network's own running buffers for the rest."""
+        θ for frozen ones, the network's own running buffers for the rest. With the soft
+        plans, plain linear weights are :class:`MixedLinearWeight` (evaluated in the cheaper
+        association order)."""
         theta, a = self.theta_state(), self.config.train_alpha
         assert a is not None  # RebasinConfig sets it (to alpha when not given)
+        lazy: dict[str, Tensor] = {}
         if hard is not None:
             permuted = permute_state(theta, self.spec, hard)
         elif self.permutation is not None:
-            permuted = soft_permute_state(theta, self.spec, self.plans())
+            plans = self.plans()
+            lazy = {name: self._mixed_linear(name, theta[name], plans, a) for name in self.linear_groups}
+            permuted = soft_permute_state({k: v for k, v in theta.items() if k not in lazy}, self.spec, plans)
         else:
             permuted = theta
         state = {}
         for name in self.names:
-            if name in self.delta_names:
-                state[name] = mix(theta[name], permuted[name], a, finite=True) + self.delta[_key(name)]
+            if name in lazy:
+                state[name] = lazy[name]
+            elif name in self.delta_names:
+                delta = self.delta[_key(name)]
+                unmoved = permuted[name] is theta[name]  # (1 − a)θ + aθ = θ exactly
+                state[name] = (
+                    theta[name] + delta
+                    if unmoved
+                    else mix(theta[name], permuted[name], a, finite=True) + delta
+                )
             elif name in self.parameter_names:
                 state[name] = theta[name]  # frozen by the user
             else:
-                state[name] = self.running.get_buffer(_key(name))
+                state[name] = self.running._buffers[_key(name)]  # type: ignore[assignment]
         return state
+
+    def _mixed_linear(
+        self, name: str, theta: Tensor, plans: Mapping[str, Tensor], a: float
+    ) -> MixedLinearWeight:
+        delta, (out_group, in_group) = self.delta[_key(name)], self.linear_groups[name]
+
+        def formed() -> Tensor:  # W_mid in weight space, as trained_state forms every other tensor
+            return (
+                mix(theta, soft_permute_state({name: theta}, self.spec, plans)[name], a, finite=True) + delta
+            )
+
+        pair = (plans[out_group] if out_group else None, plans[in_group] if in_group else None)
+        return MixedLinearWeight(theta, delta, a, pair, formed, self.config.association)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return functional_call(self.base, self.trained_state(), args, kwargs)
@@ -202,20 +238,33 @@ class RebasinNetwork(nn.Module):
 
 
 def delta_penalty(network: RebasinNetwork) -> Tensor:
-    """``β‖δ‖²``."""
+    """``β‖δ‖²``, differentiable."""
     return network.config.beta * sum((d**2).sum() for d in network.delta.values())
 
 
 @torch.no_grad()
+def penalty_value(network: RebasinNetwork) -> Tensor:
+    """``β‖δ‖²`` as a value (no graph): one fused norm over every δ, on their device."""
+    deltas = list(network.delta.values())
+    if not deltas:
+        return torch.zeros(())
+    return network.config.beta * torch.stack(torch._foreach_norm(deltas)).square().sum()
+
+
+@torch.no_grad()
 def add_penalty_gradient(network: RebasinNetwork) -> None:
-    """Add ``∂β‖δ‖²/∂δ = 2βδ`` to δ's gradients directly (used under DDP, where a penalty
-    through the loss would reach a δ the forward did not use a second time)."""
+    """Add ``∂β‖δ‖²/∂δ = 2βδ`` to δ's gradients directly, one fused operation: the penalty's
+    gradient without a graph through ``‖δ‖²`` (and, under DDP, without a second use of a δ
+    the forward did not use)."""
     beta = network.config.beta
     if not beta:
         return
+    with_grad = [d for d in network.delta.values() if d.grad is not None]
+    if with_grad:
+        torch._foreach_add_([d.grad for d in with_grad if d.grad is not None], with_grad, alpha=2 * beta)
     for d in network.delta.values():
-        g = 2 * beta * d
-        d.grad = g if d.grad is None else d.grad.add_(g)
+        if d.grad is None:
+            d.grad = 2 * beta * d
 
 
 def clip_delta_gradients(network: RebasinNetwork) -> None:
@@ -225,15 +274,23 @@ def clip_delta_gradients(network: RebasinNetwork) -> None:
 
 
 def make_optimizer(network: RebasinNetwork) -> GroupedOptimizer:
-    """Adam on the logits (``perm_lr``) and SGD or Adam on δ (``delta_lr``)."""
+    """Adam on the logits (``perm_lr``) and SGD or Adam on δ (``delta_lr``); Adam runs fused
+    (one pass over each tensor) where torch has the kernel."""
     c = network.config
-    delta_cls = torch.optim.Adam if c.delta_optimizer == "adam" else torch.optim.SGD
     # a frozen placeholder keeps the optimiser valid when the user froze every parameter
     deltas = list(network.delta.values()) or [nn.Parameter(torch.zeros(()), requires_grad=False)]
-    parts: list[torch.optim.Optimizer] = [delta_cls(deltas, lr=c.delta_lr)]
+    delta_part = (
+        _adam(deltas, c.delta_lr) if c.delta_optimizer == "adam" else torch.optim.SGD(deltas, lr=c.delta_lr)
+    )
+    parts: list[torch.optim.Optimizer] = [delta_part]
     if network.permutation is not None:
-        parts.insert(0, torch.optim.Adam(network.permutation.parameters(), lr=c.perm_lr))
+        parts.insert(0, _adam(list(network.permutation.parameters()), c.perm_lr))
     return GroupedOptimizer(parts)
+
+
+def _adam(parameters: list[nn.Parameter], lr: float) -> torch.optim.Adam:
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
+    return torch.optim.Adam(parameters, lr=lr, fused=fused or None)
 
 
 def first_non_finite(network: RebasinNetwork) -> str | None:
@@ -305,7 +362,6 @@ def _initial_delta(
 def _randn_like(tensor: Tensor, generator: torch.Generator) -> Tensor:
     """N(0, 1) drawn on the CPU from ``generator`` (device-independent), then moved like ``tensor``."""
     return torch.randn(tensor.shape, generator=generator).to(tensor)
-
 
 
 def _initial_logits(
