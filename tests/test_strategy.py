@@ -14,7 +14,7 @@ from avalanche.models import MTSimpleMLP, SimpleMLP
 from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin, ReplayPlugin, SupervisedPlugin
 from rebasin_testkit import SmallCNN
 
-from avalanche_rebasin import RebasinNetwork, discover_spec, permute_state
+from avalanche_rebasin import RebasinConfig, RebasinNetwork, discover_spec, permute_state
 from avalanche_rebasin.avalanche.strategy import PRESETS, RebasinStrategy
 
 N_CLASSES = 6
@@ -152,13 +152,18 @@ def test_invalid_hyperparameters_are_rejected(kwargs, word):
         _strategy(model, **kwargs)
 
 
-def test_nan_guard_keeps_previous_weights():
+def _after_one_experience():
+    """A Re-basin strategy trained on its first experience, its benchmark and θ_1."""
     torch.manual_seed(0)
     bench = _benchmark()
     model = SimpleMLP(num_classes=N_CLASSES, input_size=16, hidden_size=32, drop_rate=0)
     strategy = _strategy(model)
     strategy.train(bench.train_stream[0])
-    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    return bench, model, strategy, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_nan_guard_keeps_previous_weights():
+    bench, model, strategy, kept = _after_one_experience()
     strategy._criterion = lambda out, y: out.sum() * float("nan")
     with pytest.raises(ValueError, match=r"experience 1 .*non-finite.*'features\.0\.weight'"):
         strategy.train(bench.train_stream[1])
@@ -465,3 +470,42 @@ def test_an_error_while_reestimating_batchnorm_keeps_the_previous_weights(monkey
     for k, v in model.state_dict().items():
         assert torch.equal(v, kept[k]), k
     assert not strategy.rebasin_active and strategy.model is model
+
+
+def test_the_penalty_gradient_added_after_the_backward_equals_the_penalty_through_the_loss():
+    from avalanche_rebasin.continual.rebasin import add_penalty_gradient, delta_penalty, penalty_value
+
+    torch.manual_seed(0)
+    model = SimpleMLP(num_classes=N_CLASSES, input_size=16, hidden_size=8, drop_rate=0).double()
+    x = torch.randn(6, 16, dtype=torch.float64)
+    network = RebasinNetwork(
+        model,
+        discover_spec(model, x[:2]),
+        RebasinConfig(beta=0.3, delta_init_std=0.1, warm_start=False),
+        experience=1,
+    ).double()
+    (network(x).square().mean() + delta_penalty(network)).backward()
+    through_loss = [p.grad.clone() for p in network.parameters()]
+    network.zero_grad()
+    network(x).square().mean().backward()
+    add_penalty_gradient(network)
+    for expected, p in zip(through_loss, network.parameters()):
+        torch.testing.assert_close(p.grad, expected, atol=1e-12, rtol=0)
+    assert float(penalty_value(network)) == pytest.approx(float(delta_penalty(network)), rel=1e-12)
+
+
+def test_a_non_finite_last_update_is_refused_at_the_commit():
+    """The loss of the last step was finite, its update was not: no later loss flags it, the
+    commit's own check does, and the model keeps θ_i."""
+    bench, model, strategy, kept = _after_one_experience()
+
+    class PoisonLastUpdate(SupervisedPlugin):
+        def after_training_epoch(self, strategy, **kwargs):
+            network = strategy.model
+            next(iter(network.delta.values())).data.fill_(float("inf"))
+
+    strategy.plugins.append(PoisonLastUpdate())
+    with pytest.raises(ValueError, match=r"experience 1 .*non-finite.*commit was refused"):
+        strategy.train(bench.train_stream[1])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, kept[k]), k

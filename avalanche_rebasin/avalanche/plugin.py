@@ -45,10 +45,10 @@ from ..continual.rebasin import (
     check_trainable,
     clip_delta_gradients,
     committed_state,
-    delta_penalty,
     experience_report,
     first_non_finite,
     make_optimizer,
+    penalty_value,
 )
 from ..core.spec import PermutationSpec
 from ..core.state import load_state_
@@ -58,6 +58,8 @@ from .inputs import example_input_of
 from .transaction import ExperienceSnapshot, guard_experiences, release_experiences
 
 __all__ = ["RebasinPlugin", "arrange_plugins"]
+
+_CHECK_EVERY = 50  # steps between two host reads of the finiteness flag on an accelerator
 
 
 class _MultiTaskRebasinNetwork(RebasinNetwork, MultiTaskModule):
@@ -76,6 +78,7 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignor
     commits_to_model = True  # rewrites the model after each task (see plugin_compat)
     _snapshot: _TaskSnapshot | None = None  # class defaults: checkpoints pickled before they existed
     _task_done = False
+    _finite: Tensor | None = None  # whether every loss of the task so far was finite (on the device)
 
     def __init__(
         self, config: RebasinConfig | None = None, *, spec: PermutationSpec | None = None, **settings: Any
@@ -92,6 +95,7 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignor
         self._subexps_seen = 0
         self._snapshot: _TaskSnapshot | None = None
         self._task_done = False
+        self._finite: Tensor | None = None
 
     @property
     def active(self) -> bool:
@@ -147,37 +151,46 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignor
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         if self.network is not None and self.config.beta:
-            penalty = delta_penalty(self.network)
-            # Under DDP a δ the forward did not use (another task's head) is already marked
-            # ready; the penalty's gradient 2βδ is then added in before_update instead.
-            distributed = DistributedHelper.is_distributed
-            strategy.loss = strategy.loss + (penalty.detach() if distributed else penalty)
+            # the loss reports C_CL's value; its gradient 2βδ is added after the backward
+            strategy.loss = strategy.loss + penalty_value(self.network)
+
+    def after_backward(self, strategy: Any, **kwargs: Any) -> None:
+        # this plugin runs first, so gradient projections (GEM, A-GEM) see the penalty's gradient
+        if self.network is not None:
+            add_penalty_gradient(self.network)
 
     def before_update(self, strategy: Any, **kwargs: Any) -> None:
-        if self.network is None:
-            return
-        if DistributedHelper.is_distributed:
-            add_penalty_gradient(self.network)
-        clip_delta_gradients(self.network)
+        if self.network is not None:
+            clip_delta_gradients(self.network)
 
     def after_update(self, strategy: Any, **kwargs: Any) -> None:
         if self.network is None:
             return
         self.network.steps_done += 1
-        label = first_non_finite(self.network)
-        if label is not None:
-            experience = self.network.experience
-            self._give_back(strategy)
-            raise ValueError(
-                f"Re-basin: experience {experience} produced non-finite values in {label}; training "
-                f"stopped and the model keeps θ_{experience}. Lower delta_lr/perm_lr or check the loss "
-                "and data of this experience."
-            )
+        finite = torch.isfinite(strategy.loss.detach())  # on the device: no host sync here
+        self._finite = finite if self._finite is None else self._finite & finite
+        if self._finite.device.type == "cpu" or self.network.steps_done % _CHECK_EVERY == 0:
+            self._check_finite(strategy)
+
+    def _check_finite(self, strategy: Any) -> None:
+        """Raise (and hand the strategy back) if a loss since the task began was not finite: a
+        non-finite loss makes the next update's δ or logits non-finite, so this names them."""
+        if self.network is None or self._finite is None or bool(self._finite):
+            return
+        label = first_non_finite(self.network) or "the loss"
+        experience = self.network.experience
+        self._give_back(strategy)
+        raise ValueError(
+            f"Re-basin: experience {experience} produced non-finite values in {label}; training "
+            f"stopped and the model keeps θ_{experience}. Lower delta_lr/perm_lr or check the loss "
+            "and data of this experience."
+        )
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self._task_done = _at_task_end(strategy.experience, self._subexps_seen)
         if not self._task_done:
             return
+        self._check_finite(strategy)
         if self.network is not None:
             try:
                 report = _commit(strategy, self.network)
@@ -190,7 +203,7 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignor
     def _give_back(self, strategy: Any) -> None:
         if self._handover is not None:
             self._handover.give_back(strategy)
-        self.network, self._handover = None, None
+        self.network, self._handover, self._finite = None, None, None
 
     # -- the task as a transaction (see avalanche_rebasin.avalanche.transaction) -------------------------
     def rollback(self, strategy: Any) -> None:
