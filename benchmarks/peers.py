@@ -41,6 +41,8 @@ from avalanche_rebasin import discover_spec, permute, random_permutation
 
 HERE = Path(__file__).resolve().parent
 PEERS = {"authors": "sinkhorn-rebasin==0.0.2", "snimu": "rebasin==0.0.47"}
+# what each peer needs beyond this venv's packages (torch, numpy, scipy, tqdm, matplotlib)
+OFFLINE_DEPENDENCIES = {"authors": [], "snimu": ["graphviz", "torchview", "torchviz"]}
 # method → (peer venv, or None for this venv; the method its time is compared with)
 METHODS = {
     "ours-align": (None, "authors"),
@@ -49,7 +51,10 @@ METHODS = {
     "ours-wm": (None, "snimu"),
     "snimu": ("snimu", "snimu"),
 }
-BIG = {"resnet18-224", "mlp-784-512x4-10"}  # 1 repeat unless --repeats
+BIG = {"resnet18-224", "mlp-784-512x4-10"}
+WHEELS = (
+    HERE.parent / ".cache" / "wheels"
+)  # the peers' wheels, for a machine without an index  # 1 repeat unless --repeats
 
 
 def peer_python(name: str) -> str:
@@ -60,7 +65,10 @@ def peer_python(name: str) -> str:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         site = Path(sysconfig.get_paths(vars={"base": str(venv)})["purelib"])
         (site / "_shared_torch.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-        subprocess.run([str(python), "-m", "pip", "install", "-q", PEERS[name]], check=True)
+        # without an index (benchmarks/gpu_check.py --prepare fetched the wheels): no dependency resolution
+        offline = ["--no-index", "--no-deps", "--find-links", str(WHEELS), *OFFLINE_DEPENDENCIES[name]]
+        packages = [*(offline if WHEELS.exists() else []), PEERS[name]]
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True)
         stamp.write_text(PEERS[name])
     return str(python)
 
@@ -203,7 +211,8 @@ def main() -> None:
         "with stop_at_zero_cost=False (only the stability rule), i.e. the Sinkhorn loop's own speed. "
         "authors: their examples' settings (AdamW, "
         f"DistL2Loss lr 0.1; ResNet18 DistL1Loss lr 10; at most {AUTHORS_MAX_STEPS} steps, stopping at a "
-        "zero hard loss); snimu: PermutationCoordinateDescent(a, b, x).rebasin() (max_iterations 100)."
+        "zero hard loss, that check run under torch.no_grad() as a careful user would); snimu: "
+        "PermutationCoordinateDescent(a, b, x).rebasin() (max_iterations 100)."
     )
     if competitor is not None:
         competitor.kill()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import resource
 import sys
 import time
@@ -82,8 +83,9 @@ def authors(a: nn.Module, b: nn.Module, x: torch.Tensor, task: str) -> tuple[nn.
         loss.backward()
         optimizer.step()
         net.eval()
-        if criterion(net()) == 0:  # their stopping rule: zero loss with hard permutations
-            break
+        with torch.no_grad():  # their stopping rule, zero loss with hard permutations, needs no graph
+            if criterion(net()) == 0:
+                break
     return net(), steps, time.perf_counter() - start
 
 
@@ -119,11 +121,14 @@ def main(method: str, task: str, seed: int, path: str) -> None:
     a, b = (TASKS[task][0]().eval() for _ in range(2))
     a.load_state_dict(saved["a"])
     b.load_state_dict(saved["b"])
-    x = saved["x"]
+    device = torch.device(os.environ.get("PEERS_DEVICE", "cpu"))  # benchmarks/gpu_check.py sets cuda
+    a, b, x = a.to(device), b.to(device), saved["x"].to(device)
     run = METHODS[method]
-    run(mlp([1, 3, 1]), mlp([1, 3, 1]), torch.ones(1, 1), "warm-up")  # imports, first calls
+    run(mlp([1, 3, 1]).to(device), mlp([1, 3, 1]).to(device), torch.ones(1, 1, device=device), "warm-up")
     start = time.perf_counter()
     out, steps, loop_s = run(a, b, x, task)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     if method == "ours-wm":
         from avalanche_rebasin import discover_spec, permute
@@ -143,6 +148,7 @@ def main(method: str, task: str, seed: int, path: str) -> None:
                 "exact": exact,
                 "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "threads": torch.get_num_threads(),
+                "device": str(device),
                 "torch": torch.__version__,
             }
         )
