@@ -38,6 +38,7 @@ MODES = {
     "implicit-full": dict(backward="implicit", linear_solver="full"),
     "implicit-schur": dict(backward="implicit", linear_solver="schur"),
     "implicit-cg": dict(backward="implicit", linear_solver="cg"),
+    "implicit-auto": dict(backward="implicit", linear_solver="auto"),
     "unrolled": dict(backward="unrolled"),
 }
 
