@@ -9,6 +9,9 @@
 same program.) A strategy is ``NAME[:PRESET][+key=value...]``: the ``rebasin`` family takes a
 preset from ``avalanche_rebasin.PRESETS`` (default ``paper``) and any ``RebasinStrategy``
 setting; the baselines take their own (``replay+mem_size=2000``, ``ewc-tuned+ewc_lambda=100``).
+Avalanche's strong baselines run only when named (``der``, ``er-ace``, ``er-aml``, ``gdumb``,
+``gem``, ``icarl``, ``si``, ``mas``: ``der+alpha=0.2+beta=0.5``); the memory-based ones share
+replay's memory size.
 The whole string labels the run. Every strategy is evaluated on the whole test stream after
 every experience with Avalanche's evaluators; ``--validation`` evaluates on held-out training
 images instead, on every benchmark. Writes to ``--out``: ``summary.md``, ``runs.json`` (every
@@ -44,7 +47,7 @@ from .strategies import MODELS, OPTIMIZERS, STRATEGIES, build
 __all__ = ["main", "make_parser"]
 
 DEFAULT_STRATEGIES = [
-    *(name for name in STRATEGIES if name != "joint"),
+    *(name for name, entry in STRATEGIES.items() if entry.swept_by_default and name != "joint"),
     "rebasin:midpoint",
     "rebasin:consistent",
     "joint",
@@ -86,7 +89,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", choices=list(BENCHMARKS), default="rotated-mnist")
     p.add_argument(
         "--strategies", nargs="+", default=DEFAULT_STRATEGIES, metavar="NAME[:PRESET][+key=value]",
-        help=f"from {list(STRATEGIES)}; every token is checked before anything runs",
+        help=f"from {list(STRATEGIES)} (default: {' '.join(DEFAULT_STRATEGIES)}); every token is checked "
+        "before anything runs",
     )  # fmt: skip
     p.add_argument("--model", choices=list(MODELS), default=None, help="default mlp1 (slimresnet18 on CIFAR)")
     p.add_argument("--seeds", nargs="+", type=SEED, default=[0], help="distinct integers >= 0")
@@ -105,8 +109,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw")
     p.add_argument(
         "--mem-size", type=POSITIVE, default=None,
-        help="replay buffer (replay, rebasin) and A-GEM memory, in total; "
-        "default 5 images per class per experience",
+        help="the memory of replay, rebasin, interp, A-GEM, der, er-ace, er-aml, gdumb, gem and icarl, "
+        "in total; default 5 images per class per experience",
     )  # fmt: skip
     p.add_argument("--workers", type=WORKERS, default=0, help="DataLoader worker processes")
     p.add_argument("--threads", type=POSITIVE, default=DEFAULT_THREADS, help="torch compute threads")

@@ -3,7 +3,8 @@
 Adding a strategy is one :class:`StrategyEntry` in :data:`STRATEGIES`: a builder and the
 settings a token may override (``replay+mem_size=2000``, ``ewc-tuned+ewc_lambda=100``,
 ``rebasin:midpoint+alpha=0.5``). Every strategy gets the harness's model, optimiser, batch
-size, epochs and evaluator, so budgets are equal unless a token says otherwise.
+size, epochs and evaluator, and every memory-based one the same memory size
+(:meth:`Context.mem_size`), so budgets are equal unless a token says otherwise.
 """
 
 from __future__ import annotations
@@ -16,7 +17,21 @@ from typing import Any
 
 import torch
 from avalanche.models import SimpleMLP, SlimResNet18
-from avalanche.training import AGEM, EWC, JointTraining, LwF, Naive
+from avalanche.training import (
+    AGEM,
+    DER,
+    ER_ACE,
+    ER_AML,
+    EWC,
+    GEM,
+    MAS,
+    GDumb,
+    ICaRL,
+    JointTraining,
+    LwF,
+    Naive,
+    SynapticIntelligence,
+)
 from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from avalanche.training.storage_policy import ExperienceBalancedBuffer
@@ -27,7 +42,7 @@ from avalanche_rebasin.avalanche.interpolation_plugin import InterpolationStrate
 from avalanche_rebasin.avalanche.strategy import RebasinStrategy
 from avalanche_rebasin.continual.config import PRESETS, RebasinConfig
 
-from .benchmarks import BENCHMARKS
+from .benchmarks import BENCHMARKS, Problem
 
 __all__ = ["MODELS", "OPTIMIZERS", "STRATEGIES", "Context", "StrategyEntry", "build", "parse_strategy"]
 
@@ -75,17 +90,21 @@ class Context:
     common: dict[str, Any]
     seed: int
 
-    def replay(self, mem_size: int | None = None) -> ReplayPlugin:
-        """Avalanche's replay, one equal share per experience; by default the authors' budget."""
+    def mem_size(self, override: int | None = None) -> int:
+        """The memory of every memory-based strategy: the token's ``mem_size``, else
+        ``--mem-size``, else the authors' budget (5 images per class per experience)."""
+        if override is not None:
+            return override
+        if self.args.mem_size is not None:
+            return int(self.args.mem_size)
         entry, n = BENCHMARKS[self.args.benchmark], self.args.experiences
-        if mem_size is None:
-            mem_size = self.args.mem_size
-        if mem_size is None:
-            mem_size = (
-                PER_CLASS_PER_EXP * (entry.classes // n if entry.class_incremental else entry.classes) * n
-            )
-        policy = ExperienceBalancedBuffer(max_size=mem_size, adaptive_size=False, num_experiences=n)
-        return ReplayPlugin(mem_size=mem_size, storage_policy=policy)
+        return PER_CLASS_PER_EXP * (entry.classes // n if entry.class_incremental else entry.classes) * n
+
+    def replay(self, mem_size: int | None = None) -> ReplayPlugin:
+        """Avalanche's replay of :meth:`mem_size` images, one equal share per experience."""
+        size, n = self.mem_size(mem_size), self.args.experiences
+        policy = ExperienceBalancedBuffer(max_size=size, adaptive_size=False, num_experiences=n)
+        return ReplayPlugin(mem_size=size, storage_policy=policy)
 
 
 @dataclass(frozen=True)
@@ -97,6 +116,8 @@ class StrategyEntry:
     presets: bool = False  # NAME:PRESET picks one of avalanche_rebasin's PRESETS
     defaults: dict[str, Any] = field(default_factory=dict)
     validates: bool = False  # the strategy checks its own settings (else: numbers, checked here)
+    problem: Callable[[argparse.Namespace], Problem] = lambda args: None  # checked before anything is built
+    swept_by_default: bool = True  # in the harness's default --strategies
 
 
 def _ewc_published(ctx: Context, kw: dict[str, Any]) -> SupervisedTemplate:
@@ -134,6 +155,91 @@ def _interpolation(ctx: Context, kw: dict[str, Any]) -> SupervisedTemplate:
     )
 
 
+FEATURE_MODELS = ("mlp1", "mlp2", "mlp3", "cnn")  # a feature extractor, then one linear classifier
+
+
+def _needs_features(args: argparse.Namespace) -> Problem:
+    if args.model in FEATURE_MODELS:
+        return None
+    return (
+        f"needs the model split into a feature extractor and a classifier: --model one of "
+        f"{list(FEATURE_MODELS)}, not {args.model}"
+    )
+
+
+def _icarl_problem(args: argparse.Namespace) -> Problem:
+    if not BENCHMARKS[args.benchmark].class_incremental:
+        usable = [name for name, entry in BENCHMARKS.items() if entry.class_incremental]
+        return (
+            f"iCaRL learns the classes each experience adds: it needs a class-incremental benchmark "
+            f"(one of {usable}), and {args.benchmark} brings the same classes in every experience"
+        )
+    return _needs_features(args)
+
+
+def _features_and_classifier(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """One of :data:`FEATURE_MODELS` as (feature extractor, classifier), sharing its parameters."""
+    if isinstance(model, SimpleMLP):
+        return nn.Sequential(nn.Flatten(), model.features), model.classifier
+    assert isinstance(model, nn.Sequential), type(model)  # digits_cnn
+    return model[:-1], model[-1]
+
+
+def _class_balanced(
+    strategy: type[DER | ER_ACE | ER_AML],
+) -> Callable[[Context, dict[str, Any]], SupervisedTemplate]:
+    """DER, ER-ACE or ER-AML on Avalanche's class-balanced memory of :meth:`Context.mem_size` images;
+    refused where the memory can never fill one replay batch (Avalanche would then never replay)."""
+
+    def build(ctx: Context, kw: dict[str, Any]) -> SupervisedTemplate:
+        kw["mem_size"] = ctx.mem_size(kw.get("mem_size"))
+        if strategy is ER_AML:
+            kw["feature_extractor"] = _features_and_classifier(ctx.model)[0]
+        built = strategy(model=ctx.model, optimizer=ctx.optimizer, **kw, **ctx.common)
+        if built.batch_size_mem > built.mem_size:
+            raise ValueError(
+                f"mem_size {built.mem_size} never fills one replay batch of batch_size_mem "
+                f"{built.batch_size_mem}, so it would never replay; set +batch_size_mem={built.mem_size} "
+                "or less, or a larger mem_size"
+            )
+        classes = BENCHMARKS[ctx.args.benchmark].classes
+        if strategy is ER_AML and built.mem_size // classes < built.train_mb_size:
+            raise ValueError(
+                f"ER-AML draws a batch of --batch-size {built.train_mb_size} from every class's share of "
+                f"the memory and waits forever on a share that cannot fill one: mem_size "
+                f"{built.mem_size} over {classes} classes; give +mem_size={built.train_mb_size * classes} "
+                "or more, or a smaller --batch-size"
+            )
+        return built
+
+    return build
+
+
+def _gem(ctx: Context, kw: dict[str, Any]) -> SupervisedTemplate:
+    """GEM with :meth:`Context.mem_size` patterns split evenly over the experiences, unless
+    ``patterns_per_exp`` sets the share itself."""
+    mem_size, n = kw.pop("mem_size", None), ctx.args.experiences
+    if mem_size is not None and "patterns_per_exp" in kw:
+        raise ValueError("set mem_size (split over the experiences) or patterns_per_exp, not both")
+    if "patterns_per_exp" not in kw:
+        budget = ctx.mem_size(mem_size)
+        if budget < n:
+            raise ValueError(f"mem_size {budget} leaves no pattern for each of {n} experiences")
+        kw["patterns_per_exp"] = budget // n
+    return GEM(model=ctx.model, optimizer=ctx.optimizer, **kw, **ctx.common)
+
+
+def _icarl(ctx: Context, kw: dict[str, Any]) -> SupervisedTemplate:
+    """iCaRL on the model's features and classifier, its exemplar memory of :meth:`Context.mem_size`
+    images shared by the classes seen (``fixed_memory``); iCaRL brings its own loss."""
+    features, classifier = _features_and_classifier(ctx.model)
+    common = {key: value for key, value in ctx.common.items() if key != "criterion"}
+    return ICaRL(
+        feature_extractor=features, classifier=classifier, optimizer=ctx.optimizer,
+        memory_size=ctx.mem_size(kw.get("mem_size")), buffer_transform=None, fixed_memory=True, **common,
+    )  # fmt: skip
+
+
 def _rebasin_settings() -> tuple[str, ...]:
     return tuple(sorted(set(RebasinConfig.setting_names()) - {"sinkhorn"} - set(RESERVED_OVERRIDES)))
 
@@ -168,6 +274,33 @@ STRATEGIES: dict[str, StrategyEntry] = {
         for name in REBASIN_FAMILY
     },
     "interp": StrategyEntry(_interpolation, INTERPOLATION_SETTINGS, validates=True),
+    # Avalanche's strong baselines, asked for by name (not in the default sweep).
+    "der": StrategyEntry(
+        _class_balanced(DER), ("mem_size", "batch_size_mem", "alpha", "beta"), swept_by_default=False
+    ),
+    "er-ace": StrategyEntry(_class_balanced(ER_ACE), ("mem_size", "batch_size_mem"), swept_by_default=False),
+    "er-aml": StrategyEntry(
+        _class_balanced(ER_AML), ("mem_size", "batch_size_mem", "temp", "base_temp"),
+        problem=_needs_features, swept_by_default=False,
+    ),
+    "gdumb": StrategyEntry(
+        lambda c, kw: GDumb(
+            model=c.model, optimizer=c.optimizer, mem_size=c.mem_size(kw.get("mem_size")), **c.common
+        ),
+        ("mem_size",), swept_by_default=False,
+    ),
+    "gem": StrategyEntry(
+        _gem, ("mem_size", "patterns_per_exp", "memory_strength"), swept_by_default=False
+    ),
+    "icarl": StrategyEntry(_icarl, ("mem_size",), problem=_icarl_problem, swept_by_default=False),
+    "si": StrategyEntry(
+        lambda c, kw: SynapticIntelligence(model=c.model, optimizer=c.optimizer, **kw, **c.common),
+        ("si_lambda",), defaults={"si_lambda": 1.0}, swept_by_default=False,
+    ),  # Avalanche has no default lambda; 1 as its own Split MNIST baseline
+    "mas": StrategyEntry(
+        lambda c, kw: MAS(model=c.model, optimizer=c.optimizer, **kw, **c.common),
+        ("lambda_reg", "alpha"), swept_by_default=False,
+    ),
 }  # fmt: skip
 
 
@@ -219,18 +352,27 @@ def parse_strategy(token: str) -> tuple[str, dict[str, Any]]:
 
 
 def _check_number(token: str, key: str, value: Any) -> None:
-    """Baseline settings are numbers: counts are integers >= 1, the rest finite and >= 0."""
-    counts = ("mem_size", "patterns_per_exp", "sample_size")
+    """Baseline settings are numbers: counts are integers >= 1, temperatures finite and > 0, the
+    rest finite and >= 0."""
+    counts = ("mem_size", "patterns_per_exp", "sample_size", "batch_size_mem")
+    number = not isinstance(value, bool) and isinstance(value, int | float)
     if key in counts:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{token!r}: {key} must be an integer >= 1, got {value!r}")
-    elif isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+    elif key in ("temp", "base_temp"):
+        if not number or not 0 < value < float("inf"):
+            raise ValueError(f"{token!r}: {key} must be a finite number > 0, got {value!r}")
+    elif not number or not 0 <= value < float("inf"):
         raise ValueError(f"{token!r}: {key} must be a finite number >= 0, got {value!r}")
 
 
 def build(token: str, args: argparse.Namespace, seed: int, evaluator: EvaluationPlugin) -> SupervisedTemplate:
-    """A fresh model, optimiser and strategy for ``token``, every random generator seeded first."""
+    """A fresh model, optimiser and strategy for ``token``, every random generator seeded first;
+    a strategy these arguments cannot run is refused before anything is built."""
     name, kwargs = parse_strategy(token)
+    problem = STRATEGIES[name].problem(args)
+    if problem:
+        raise ValueError(problem)
     RNGManager.set_random_seeds(seed)  # torch, NumPy and Python's random (A-GEM samples its memory with it)
     entry = BENCHMARKS[args.benchmark]
     model = MODELS[args.model](entry.classes)
