@@ -54,6 +54,23 @@ def test_zero_cost_stops_the_sinkhorn_loop_as_soon_as_the_permutation_is_right()
     assert all(torch.equal(recovered[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("stopping", [Stopping(max_steps=500), Stopping(max_steps=500, at_zero_cost=False)])
+def test_the_callback_sees_every_step_the_one_a_stopping_rule_ends_on_too(stopping):
+    model, permuted, spec = _permuted_pair()
+    seen: list[int] = []
+    result = align(
+        model,
+        permuted,
+        spec=spec,
+        init="identity",
+        progress=False,
+        stopping=stopping,
+        callback=lambda step, *_: seen.append(step),
+    )
+    assert result.stop_reason in ("optimal", "converged")
+    assert seen == list(range(result.steps))
+
+
 @pytest.mark.parametrize("cost", ["l2", "l1", "cosine"])
 def test_zero_cost_never_fires_for_a_model_that_is_not_a_permuted_copy(cost):
     model, permuted, spec = _permuted_pair()

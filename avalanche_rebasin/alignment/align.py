@@ -210,11 +210,14 @@ class _Loop:
             value = float(loss.detach())
             bar.set_postfix(cost=f"{value:.4g}")
             greedy, valid = greedy_permutations(self.logits.as_views(), blocks)
-            if self.convergence.update(value, greedy, valid):
+            converged = self.convergence.update(value, greedy, valid)
+            optimal = self.zero_cost is not None and self.zero_cost.reached(greedy, valid)
+            asked_to_stop = callback is not None and callback(step, value, self.logits)  # every step, the last too
+            if converged:
                 return plans, "converged"
-            if self.zero_cost is not None and self.zero_cost.reached(greedy, valid):
+            if optimal:
                 return plans, "optimal"
-            if callback is not None and callback(step, value, self.logits):
+            if asked_to_stop:
                 return plans, "callback"
         return plans, "max_steps"
 
