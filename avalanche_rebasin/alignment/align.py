@@ -212,7 +212,8 @@ class _Loop:
             greedy, valid = greedy_permutations(self.logits.as_views(), blocks)
             converged = self.convergence.update(value, greedy, valid)
             optimal = self.zero_cost is not None and self.zero_cost.reached(greedy, valid)
-            asked_to_stop = callback is not None and callback(step, value, self.logits)  # every step, the last too
+            # the callback sees every step, the one a stopping rule ends on included
+            asked_to_stop = callback is not None and callback(step, value, self.logits)
             if converged:
                 return plans, "converged"
             if optimal:
