@@ -11,7 +11,9 @@ preset from ``avalanche_rebasin.PRESETS`` (default ``paper``) and any ``RebasinS
 setting; the baselines take their own (``replay+mem_size=2000``, ``ewc-tuned+ewc_lambda=100``).
 Avalanche's strong baselines run only when named (``der``, ``er-ace``, ``er-aml``, ``gdumb``,
 ``gem``, ``icarl``, ``si``, ``mas``: ``der+alpha=0.2+beta=0.5``); the memory-based ones share
-replay's memory size.
+replay's memory size. ``interp-der``, ``interp-er-ace``, ``rebasin-der`` and ``rebasin-er-ace``
+put our plugins on DER++ and ER-ACE, reading the template's memory (DER's own α and β are
+``der_alpha`` and ``der_beta`` there: ``interp-der+alpha=0.3+der_alpha=0.2``).
 The whole string labels the run. Every strategy is evaluated on the whole test stream after
 every experience with Avalanche's evaluators; ``--validation`` evaluates on held-out training
 images instead, on every benchmark. Writes to ``--out``: ``summary.md``, ``runs.json`` (every
@@ -109,8 +111,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw")
     p.add_argument(
         "--mem-size", type=POSITIVE, default=None,
-        help="the memory of replay, rebasin, interp, A-GEM, der, er-ace, er-aml, gdumb, gem and icarl, "
-        "in total; default 5 images per class per experience",
+        help="the memory of replay, rebasin, interp, A-GEM, der, er-ace, er-aml, gdumb, gem and icarl "
+        "(and of our methods on der / er-ace), in total; default 5 images per class per experience",
     )  # fmt: skip
     p.add_argument("--workers", type=WORKERS, default=0, help="DataLoader worker processes")
     p.add_argument("--threads", type=POSITIVE, default=DEFAULT_THREADS, help="torch compute threads")

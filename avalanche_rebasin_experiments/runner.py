@@ -21,8 +21,8 @@ from avalanche.training import JointTraining
 from avalanche.training.plugins import EvaluationPlugin
 from tqdm.auto import tqdm
 
-from avalanche_rebasin.avalanche.interpolation_plugin import InterpolationStrategy
-from avalanche_rebasin.avalanche.strategy import RebasinStrategy
+from avalanche_rebasin.avalanche.interpolation_plugin import WeightInterpolationPlugin
+from avalanche_rebasin.avalanche.plugin import RebasinPlugin
 
 from .benchmarks import BENCHMARKS
 from .strategies import build
@@ -157,8 +157,9 @@ def run_one(token: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "history": rows,
         "provenance": provenance(args),
     }
-    if isinstance(strategy, RebasinStrategy):
-        record["rebasin_reports"] = [asdict(r) for r in strategy.reports]
-    if isinstance(strategy, InterpolationStrategy):
-        record["interpolation_reports"] = [asdict(r) for r in strategy.interpolation.reports]
+    for plugin in strategy.plugins:  # the strategies' own and the plugins on DER++ / ER-ACE
+        if isinstance(plugin, RebasinPlugin):
+            record["rebasin_reports"] = [asdict(r) for r in plugin.reports]
+        if isinstance(plugin, WeightInterpolationPlugin):
+            record["interpolation_reports"] = [asdict(r) for r in plugin.reports]
     return record

@@ -38,7 +38,8 @@ from avalanche.training.storage_policy import ExperienceBalancedBuffer
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
-from avalanche_rebasin.avalanche.interpolation_plugin import InterpolationStrategy
+from avalanche_rebasin.avalanche.interpolation_plugin import InterpolationStrategy, WeightInterpolationPlugin
+from avalanche_rebasin.avalanche.plugin import RebasinPlugin
 from avalanche_rebasin.avalanche.strategy import RebasinStrategy
 from avalanche_rebasin.continual.config import PRESETS, RebasinConfig
 
@@ -143,13 +144,19 @@ INTERPOLATION_SETTINGS = ("alpha", "alignment", "align_data", "align_samples", "
 INTERPOLATION_SETTINGS += ("restart", "head_alpha", "mem_size")
 
 
+def _with_head_alpha(model: nn.Module, kw: dict[str, Any]) -> dict[str, Any]:
+    """``head_alpha`` as the output layer's own α (the model's last ``nn.Linear``)."""
+    if "head_alpha" in kw:
+        head = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+        kw["layer_alpha"] = {head: kw.pop("head_alpha")}
+    return kw
+
+
 def _interpolation(ctx: Context, kw: dict[str, Any]) -> SupervisedTemplate:
     """Replay, then align the trained network to the previous weights and interpolate;
     ``head_alpha`` is the output layer's own α (the model's last ``nn.Linear``)."""
     replay = ctx.replay(kw.pop("mem_size", None))
-    if "head_alpha" in kw:
-        head = [name for name, m in ctx.model.named_modules() if isinstance(m, nn.Linear)][-1]
-        kw["layer_alpha"] = {head: kw.pop("head_alpha")}
+    kw = _with_head_alpha(ctx.model, kw)
     return InterpolationStrategy(
         model=ctx.model, optimizer=ctx.optimizer, plugins=[replay], seed=ctx.seed, **kw, **ctx.common
     )
@@ -213,6 +220,44 @@ def _class_balanced(
         return built
 
     return build
+
+
+MEMORY_TEMPLATES: dict[str, tuple[type[DER | ER_ACE], tuple[str, ...]]] = {
+    "der": (DER, ("mem_size", "batch_size_mem", "der_alpha", "der_beta")),
+    "er-ace": (ER_ACE, ("mem_size", "batch_size_mem")),
+}  # the templates our methods compose with, and the settings of each (DER's α, β renamed)
+
+
+def _composed(method: str, template: str) -> Callable[[Context, dict[str, Any]], SupervisedTemplate]:
+    """``method`` (``interp`` or ``rebasin``) as a plugin on DER++ or ER-ACE: the template trains
+    with its own memory, which the plugin reads as its buffer."""
+    strategy, own_settings = MEMORY_TEMPLATES[template]
+
+    def build(ctx: Context, kw: dict[str, Any]) -> SupervisedTemplate:
+        own = {key.removeprefix("der_"): kw.pop(key) for key in own_settings if key in kw}
+        if method == "interp":
+            plugin: Any = WeightInterpolationPlugin(seed=ctx.seed, **_with_head_alpha(ctx.model, kw))
+        else:
+            kw = {"rebasin_epochs": ctx.args.epochs, "diagnostic_samples": 1000, **kw}
+            plugin = RebasinPlugin(seed=ctx.seed, **kw)
+        return _class_balanced(strategy)(ctx, {**own, "plugins": [plugin]})
+
+    return build
+
+
+def _composed_entries() -> dict[str, StrategyEntry]:
+    entries = {}
+    for template, (_, own_settings) in MEMORY_TEMPLATES.items():
+        entries[f"interp-{template}"] = StrategyEntry(
+            _composed("interp", template),
+            tuple(dict.fromkeys((*INTERPOLATION_SETTINGS, *own_settings))), validates=True,
+            swept_by_default=False,
+        )  # fmt: skip
+        entries[f"rebasin-{template}"] = StrategyEntry(
+            _composed("rebasin", template), (*_rebasin_settings(), *own_settings), presets=True,
+            validates=True, swept_by_default=False,
+        )  # fmt: skip
+    return entries
 
 
 def _gem(ctx: Context, kw: dict[str, Any]) -> SupervisedTemplate:
@@ -292,6 +337,8 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "gem": StrategyEntry(
         _gem, ("mem_size", "patterns_per_exp", "memory_strength"), swept_by_default=False
     ),
+    # Our methods on top of DER++ and ER-ACE (their memory is the buffer the plugin reads).
+    **_composed_entries(),
     "icarl": StrategyEntry(_icarl, ("mem_size",), problem=_icarl_problem, swept_by_default=False),
     "si": StrategyEntry(
         lambda c, kw: SynapticIntelligence(model=c.model, optimizer=c.optimizer, **kw, **c.common),
@@ -312,7 +359,8 @@ def parse_strategy(token: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"unknown strategy {name!r} in {token!r}; choose from {list(STRATEGIES)}")
     entry = STRATEGIES[name]
     if preset and not entry.presets:
-        raise ValueError(f"{token!r}: presets apply only to {REBASIN_FAMILY}")
+        with_presets = [key for key, candidate in STRATEGIES.items() if candidate.presets]
+        raise ValueError(f"{token!r}: presets apply only to {with_presets}")
     if overrides and not entry.settings:
         raise ValueError(f"{token!r}: {name} has no settings to override")
     kwargs = dict(entry.defaults)
@@ -346,7 +394,7 @@ def parse_strategy(token: str) -> tuple[str, dict[str, Any]]:
             kwargs[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             kwargs[key] = value  # a bare string such as adam
-        if not entry.validates or key == "mem_size":
+        if not entry.validates or key in ("mem_size", "batch_size_mem", "der_alpha", "der_beta"):
             _check_number(token, key, kwargs[key])
     return name, kwargs
 

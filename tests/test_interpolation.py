@@ -190,7 +190,7 @@ def test_bad_settings_are_refused_at_construction(kwargs, message):
 @pytest.mark.parametrize(
     ("plugins", "message"),
     [
-        (lambda p: [p], "needs a ReplayPlugin"),
+        (lambda p: [p], "needs a replay memory: a ReplayPlugin"),
         (lambda p: [p, ReplayPlugin(mem_size=20)], "must come after ReplayPlugin"),
         (lambda p: [ReplayPlugin(mem_size=20), p, RebasinPlugin()], "RebasinPlugin also rewrites the model"),
         (

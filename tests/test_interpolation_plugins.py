@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
+from avalanche.training import DER, ER_ACE, Naive
 from avalanche.training.plugins import (
     AGEMPlugin,
     EarlyStoppingPlugin,
@@ -22,9 +23,10 @@ from torch import nn
 import avalanche_rebasin.avalanche.interpolation_plugin as plugin_module
 from avalanche_rebasin import Stopping, align, discover_spec
 from avalanche_rebasin.avalanche.compatibility import AFTER_COMMIT
-from avalanche_rebasin.avalanche.interpolation_plugin import InterpolationStrategy
+from avalanche_rebasin.avalanche.interpolation_plugin import InterpolationStrategy, WeightInterpolationPlugin
 from avalanche_rebasin.continual.interpolation import alignment_permutations
 from avalanche_rebasin.continual.restart import restart_state
+from avalanche_rebasin.core.permute import permute_state
 from avalanche_rebasin.core.state import model_state
 
 
@@ -380,3 +382,98 @@ def test_the_early_spec_check_leaves_the_global_generator_alone_when_a_sample_dr
     torch.manual_seed(3)
     plugin.before_training_exp(strategy)
     assert torch.equal(torch.rand(2), expected)
+
+
+@pytest.mark.parametrize("template", [DER, ER_ACE], ids=["DER", "ER_ACE"])
+def test_on_der_and_er_ace_the_commit_is_the_formula_aligned_on_their_own_memory(template):
+    torch.manual_seed(0)
+    model, recorder, alpha = _mlp(), TrainedRecorder(), 0.3
+    interpolation = WeightInterpolationPlugin(  # restart: trained from afresh, so units move
+        alpha=alpha, alignment="weight_matching", align_data="buffer", restart=1.0
+    )
+    read = []
+    original = plugin_module._alignment_batches
+
+    def spy(plugin, strategy):
+        batches = original(plugin, strategy)
+        read.append((sum(len(y) for _, y in batches), len(strategy.storage_policy.buffer)))
+        return batches
+
+    strategy = template(
+        model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2), mem_size=30, batch_size_mem=8,
+        train_mb_size=32, train_epochs=2, eval_mb_size=64, evaluator=_evaluator(),
+        plugins=[recorder, interpolation],
+    )  # fmt: skip
+    committed = []
+    plugin_module._alignment_batches = spy
+    try:
+        for exp in _benchmark().train_stream:
+            strategy.train(exp)
+            committed.append({k: v.clone() for k, v in model_state(model).items()})
+    finally:
+        plugin_module._alignment_batches = original
+    spec = discover_spec(model, torch.randn(2, 1, 4, 4))
+    for i in (1, 2):
+        old, new = _mlp(), _mlp()
+        old.load_state_dict(committed[i - 1])
+        new.load_state_dict(recorder.trained[i])
+        perms = alignment_permutations(old, new, spec, "weight_matching")
+        assert interpolation.reports[i - 1].units_moved > 0  # the alignment moved units
+        aligned = permute_state(recorder.trained[i], spec, perms)
+        for name, value in committed[i].items():
+            torch.testing.assert_close(value, torch.lerp(committed[i - 1][name], aligned[name], alpha))
+    # BatchNorm-free and weight matching: no data is read; with a BatchNorm model the memory is
+    assert read == []
+    assert [r.align_samples for r in interpolation.reports] == [0, 0]
+
+
+@pytest.mark.parametrize("template", [DER, ER_ACE], ids=["DER", "ER_ACE"])
+def test_on_der_and_er_ace_the_data_driven_alignment_reads_the_whole_memory_current_experience_included(
+    template,
+):
+    torch.manual_seed(0)
+    model = _bn_mlp()
+    interpolation = WeightInterpolationPlugin(alpha=0.5, alignment="activation_matching", align_data="buffer")
+    strategy = template(
+        model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2), mem_size=30, batch_size_mem=8,
+        train_mb_size=32, train_epochs=1, eval_mb_size=64, evaluator=_evaluator(), plugins=[interpolation],
+    )  # fmt: skip
+    bench = _benchmark()
+    for exp in bench.train_stream[:2]:
+        strategy.train(exp)
+    memory = strategy.storage_policy.buffer
+    assert interpolation.reports[-1].align_samples == len(memory) == 30
+    classes = {int(y) for y in memory.targets}
+    assert set(bench.train_stream[1].classes_in_this_experience) <= classes  # the new experience is in it
+
+
+def test_der_keeps_the_trained_networks_logits_for_the_new_samples_not_the_committed_ones():
+    torch.manual_seed(0)
+    model, recorder = _mlp(), TrainedRecorder()
+    strategy = DER(
+        model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2), mem_size=30, batch_size_mem=8,
+        train_mb_size=32, train_epochs=2, eval_mb_size=64, evaluator=_evaluator(),
+        plugins=[recorder, WeightInterpolationPlugin(alpha=0.5, alignment="none")],
+    )  # fmt: skip
+    bench = _benchmark()
+    for exp in bench.train_stream[:2]:
+        strategy.train(exp)
+    trained = _mlp()
+    trained.load_state_dict(recorder.trained[1])
+    new_classes = bench.train_stream[1].classes_in_this_experience
+    new = [g for c, g in strategy.storage_policy.buffer_groups.items() if c in new_classes]
+    x, _, _, logits = next(iter(torch.utils.data.DataLoader(new[0].buffer.eval(), batch_size=100)))
+    with torch.no_grad():
+        torch.testing.assert_close(logits, trained(x))
+        assert not torch.allclose(logits, model(x), atol=1e-3)  # the committed network differs
+
+
+def test_buffer_alignment_without_any_replay_memory_is_refused_naming_the_fix():
+    torch.manual_seed(0)
+    model = _mlp()
+    strategy = Naive(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), evaluator=_evaluator(),
+        plugins=[WeightInterpolationPlugin(alignment="activation_matching", align_data="buffer")],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"ReplayPlugin.*DER, ER_ACE, ER_AML.*align_data='experience'"):
+        strategy.train(_benchmark().train_stream[0])

@@ -215,3 +215,43 @@ def test_strong_baselines_are_listed_in_the_help():
     options = cli.make_parser()._option_string_actions
     assert all(f"'{name}'" in options["--strategies"].help for name in STRONG)
     assert "der, er-ace, er-aml, gdumb, gem and icarl" in options["--mem-size"].help
+
+
+def test_our_plugins_on_der_and_er_ace_take_both_sets_of_settings_and_the_shared_memory():
+    from avalanche_rebasin.avalanche.interpolation_plugin import WeightInterpolationPlugin
+    from avalanche_rebasin.avalanche.plugin import RebasinPlugin
+
+    composed = _build("interp-der+alpha=0.3+alignment=none+der_alpha=0.2+der_beta=0+batch_size_mem=5")
+    assert type(composed) is DER and (composed.alpha, composed.beta, composed.batch_size_mem) == (0.2, 0, 5)
+    interpolation = next(p for p in composed.plugins if isinstance(p, WeightInterpolationPlugin))
+    assert (interpolation.config.alpha, interpolation.config.alignment) == (0.3, "none")
+    assert _memory(composed) == 50 and _memory(_build("interp-er-ace+mem_size=40")) == 40
+    rebasin = _build("rebasin-er-ace:midpoint+alpha=0.4", _args("--mem-size", "60", "--epochs", "3"))
+    plugin = next(p for p in rebasin.plugins if isinstance(p, RebasinPlugin))
+    assert type(rebasin) is ER_ACE and _memory(rebasin) == 60
+    config = plugin.config
+    assert (config.alpha, config.delta_optimizer, config.rebasin_epochs) == (0.4, "adam", 3)
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [
+        ("interp-der+der_alpha=-1", "der_alpha must be a finite number >= 0, got -1"),
+        ("interp-der+beta=1", "unknown setting 'beta'; interp-der overrides one of"),
+        ("interp-er-ace+der_alpha=1", "unknown setting 'der_alpha'; interp-er-ace overrides one of"),
+        ("rebasin-der+seed=3", "'seed' is set by the harness"),
+    ],
+)
+def test_bad_settings_of_the_composed_entries_are_refused(token, message):
+    with pytest.raises(ValueError) as err:
+        strategies.parse_strategy(token)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["interp-der", "interp-er-ace", "rebasin-der:midpoint", "rebasin-er-ace"])
+def test_our_plugins_on_der_and_er_ace_train_replay_and_commit_once_per_later_experience(name):
+    seen = _ReplaySeen()
+    strategy, accuracy = _train(name, [seen])
+    assert {replayed for exp, replayed in seen.seen if exp == 1} == {True}  # the template still replays
+    reports = next(p.reports for p in strategy.plugins if hasattr(p, "commits_to_model"))
+    assert len(reports) == 1 and 0.0 <= accuracy <= 1.0  # one commit: after the second experience

@@ -1,13 +1,14 @@
 """Weight interpolation as an Avalanche plugin, and the strategy that is a template plus it.
 
 Every experience trains the model as the template would (with replay if a ``ReplayPlugin``
-is given). At its end the plugin aligns the trained network to the weights the experience
-started from and commits ``θ = (1 − α)·θ_old + α·π(θ_new)`` into the user's module, then
+is given, or the template's own memory: Avalanche's ``DER``, ``ER_ACE`` and ``ER_AML``).
+At its end the plugin aligns the trained network to the weights the experience started
+from and commits ``θ = (1 − α)·θ_old + α·π(θ_new)`` into the user's module, then
 re-estimates BatchNorm statistics on the alignment data (see
 :mod:`avalanche_rebasin.continual.interpolation`). Every experience is a transaction
-(:mod:`avalanche_rebasin.avalanche.transaction`): on any exception or Ctrl-C inside it, the user's module
-and optimiser return to the experience's start, so does the plugin's state, and the error
-propagates.
+(:mod:`avalanche_rebasin.avalanche.transaction`): on any exception or Ctrl-C inside it, the
+user's module and optimiser return to the experience's start, so does the plugin's state,
+and the error propagates.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from avalanche.models import MultiTaskModule
 from avalanche.training.plugins import ReplayPlugin, SupervisedPlugin
+from avalanche.training.supervised import DER, ER_ACE, ER_AML
 from avalanche.training.templates import SupervisedTemplate
 from avalanche.training.templates.base_sgd import PeriodicEval
 from torch import nn
@@ -46,7 +48,14 @@ from .inputs import example_input_of
 from .keywords import declare_setting_keywords
 from .transaction import ExperienceSnapshot, guard_experiences, release_experiences
 
-__all__ = ["InterpolationStrategy", "WeightInterpolationPlugin"]
+__all__ = ["BUFFERED_TEMPLATES", "InterpolationStrategy", "WeightInterpolationPlugin"]
+
+#: Avalanche templates that keep their replay memory themselves (``strategy.storage_policy``)
+#: and have added the current experience to it by the time the commit reads it: DER in its
+#: ``_after_training_exp``, before the plugins' hooks; ER-ACE and ER-AML in
+#: ``_before_training_exp``. DER's stored logits stay those of the trained network (DER++
+#: records the network it trains, Buzzega et al. 2020); the commit does not rewrite them.
+BUFFERED_TEMPLATES: tuple[type, ...] = (DER, ER_ACE, ER_AML)
 
 
 class WeightInterpolationPlugin(SupervisedPlugin):
@@ -54,8 +63,9 @@ class WeightInterpolationPlugin(SupervisedPlugin):
 
     Args:
         config: an :class:`InterpolationConfig`; or pass its fields (``alpha``,
-            ``alignment``, ``align_data``, …) as keywords. ``align_data="buffer"`` needs a
-            ``ReplayPlugin`` before this plugin.
+            ``alignment``, ``align_data``, …) as keywords. ``align_data="buffer"`` reads
+            the replay memory: a ``ReplayPlugin`` before this plugin, or the template's own
+            (:data:`BUFFERED_TEMPLATES`).
         spec: a PermutationSpec (default: discovered from the model at every commit).
     """
 
@@ -221,10 +231,13 @@ def _check_composition(plugin: WeightInterpolationPlugin, strategy: Any) -> None
     check_interpolation_plugins(plugins, plugin)
     replays = [i for i, p in enumerate(plugins) if isinstance(p, ReplayPlugin)]
     at = plugins.index(plugin)
-    if plugin.config.align_data in ("buffer", "both") and not replays:
+    if plugin.config.align_data in ("buffer", "both") and not replays and not isinstance(
+        strategy, BUFFERED_TEMPLATES
+    ):
+        templates = ", ".join(t.__name__ for t in BUFFERED_TEMPLATES)
         raise ValueError(
-            "WeightInterpolationPlugin(align_data='buffer') needs a ReplayPlugin in the strategy; add one "
-            "or pass align_data='experience'."
+            "WeightInterpolationPlugin(align_data='buffer') needs a replay memory: a ReplayPlugin in the "
+            f"strategy, or a template that keeps one ({templates}); add one or pass align_data='experience'."
         )
     if any(i > at for i in replays):
         raise ValueError(
@@ -237,8 +250,7 @@ def _alignment_batches(plugin: WeightInterpolationPlugin, strategy: Any) -> list
     """Up to ``align_samples`` samples as ``(x, y)`` batches on the strategy's device."""
     sources = []
     if plugin.config.align_data in ("buffer", "both"):
-        replay = next(p for p in strategy.plugins if isinstance(p, ReplayPlugin))
-        sources.append(replay.storage_policy.buffer)
+        sources.append(_replay_memory(strategy))
     if plugin.config.align_data in ("experience", "both"):
         sources.append(strategy.experience.dataset)
     batches, left = [], plugin.config.align_samples
@@ -257,6 +269,12 @@ def _alignment_batches(plugin: WeightInterpolationPlugin, strategy: Any) -> list
             batches.append((x, y))
             left -= len(y)
     return _without_single_samples(batches)
+
+
+def _replay_memory(strategy: Any) -> Any:
+    """The samples the strategy replays: its ``ReplayPlugin``'s buffer, else the template's own."""
+    replay = next((p for p in strategy.plugins if isinstance(p, ReplayPlugin)), None)
+    return (replay.storage_policy if replay is not None else strategy.storage_policy).buffer
 
 
 def _without_single_samples(batches: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
