@@ -144,12 +144,25 @@ def test_alpha_zero_and_frozen_zero_delta_leave_model_unchanged():
         ({"delta_optimizer": "rmsprop"}, "delta_optimizer"),
         ({"rebasin_steps": 0}, "rebasin_steps"),
         ({"perm_init": "random"}, "perm_init"),
+        ({"perm_weight_decay": -0.01}, "perm_weight_decay"),
+        ({"penalty_after_clip": "yes"}, "penalty_after_clip"),
     ],
 )
 def test_invalid_hyperparameters_are_rejected(kwargs, word):
     model = SimpleMLP(num_classes=N_CLASSES, input_size=16, hidden_size=8)
     with pytest.raises(ValueError, match=word):
         _strategy(model, **kwargs)
+
+
+def test_the_paper_preset_holds_the_authors_settings():
+    """``rebasinIL.py``: logits on the model's AdamW (lr 0.1, weight decay 0.01), δ on SGD (lr
+    0.05, weight decay 0.1 = 2β after a ±1e-3 clip), 5 epochs, 20 cold Sinkhorn iterations at τ 1,
+    commit weight 0.2 on the permuted network, midpoint in training."""
+    c = RebasinConfig.from_preset("paper")
+    assert (c.perm_lr, c.perm_weight_decay, c.delta_optimizer, c.delta_lr) == (0.1, 0.01, "sgd", 0.05)
+    assert (2 * c.beta, c.delta_clip, c.penalty_after_clip, c.delta_init_std) == (0.1, 1e-3, True, 1e-4)
+    assert (c.rebasin_epochs, c.alpha, c.train_alpha, c.warm_start) == (5, 0.2, 0.5, False)
+    assert (c.sinkhorn.tau, c.sinkhorn.n_iter, c.sinkhorn.threshold) == (1.0, 20, None)
 
 
 def _after_one_experience():
@@ -492,6 +505,57 @@ def test_the_penalty_gradient_added_after_the_backward_equals_the_penalty_throug
     for expected, p in zip(through_loss, network.parameters()):
         torch.testing.assert_close(p.grad, expected, atol=1e-12, rtol=0)
     assert float(penalty_value(network)) == pytest.approx(float(delta_penalty(network)), rel=1e-12)
+
+
+class FirstUpdateRecorder(SupervisedPlugin):
+    """δ, the logits and their gradients as the backward left them, and both after the first
+    update of the re-basin experience."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prior = self.stepped = None
+
+    @staticmethod
+    def _tensors(strategy, grad: bool):
+        net = strategy.rebasin.network
+        tensors = [*net.delta.values(), *net.permutation.logits]
+        return [(t.grad if grad else t).detach().clone() for t in tensors]
+
+    def after_backward(self, strategy, **kwargs):
+        if strategy.rebasin.network is not None and self.prior is None:
+            self.prior = (self._tensors(strategy, False), self._tensors(strategy, True))
+
+    def after_update(self, strategy, **kwargs):
+        if strategy.rebasin.network is not None and self.stepped is None:
+            self.stepped = self._tensors(strategy, False)
+
+
+@pytest.mark.parametrize("after_clip", [True, False], ids=["decay-after-clip", "penalty-clipped"])
+def test_the_first_update_is_sgd_with_weight_decay_on_delta_and_adamw_on_the_logits(after_clip):
+    """The authors' update, recomputed by hand: ``δ ← δ − lr·(clip(g) + 2βδ)`` (SGD's weight
+    decay after the clip; otherwise ``δ − lr·clip(g + 2βδ)``) and AdamW's first step on the
+    logits, ``X ← (1 − lr·wd)X − lr·g/(|g| + ε)``."""
+    torch.manual_seed(0)
+    bench = _benchmark()
+    model = SimpleMLP(num_classes=N_CLASSES, input_size=16, hidden_size=8, drop_rate=0)
+    recorder = FirstUpdateRecorder()
+    lr, beta, clip, perm_lr, wd = 0.05, 0.5, 1e-3, 0.1, 0.5  # 2βδ ≫ clip: the order shows
+    strategy = _strategy(
+        model, plugins=[recorder], delta_lr=lr, beta=beta, delta_clip=clip, delta_init_std=0.1,
+        perm_lr=perm_lr, perm_weight_decay=wd, penalty_after_clip=after_clip,
+    )  # fmt: skip
+    strategy.train(bench.train_stream[0])
+    strategy.train(bench.train_stream[1])
+    (values, grads), after = recorder.prior, recorder.stepped
+    n_delta = len(values) - 1  # SimpleMLP: one permutation group
+    for value, grad, new in zip(values[:n_delta], grads[:n_delta], after[:n_delta]):
+        step = grad.clamp(-clip, clip) + 2 * beta * value if after_clip else grad.clamp(-clip, clip)
+        torch.testing.assert_close(new, value - lr * step, atol=1e-7, rtol=1e-6)
+    x, g, x_new = values[-1], grads[-1], after[-1]
+    adamw = (1 - perm_lr * wd) * x - perm_lr * g / (g.abs() + 1e-8)
+    torch.testing.assert_close(x_new, adamw, atol=1e-6, rtol=1e-5)
+    if after_clip:  # the penalty's gradient alone moves δ past the clip
+        assert max(float((v - a).abs().max()) for v, a in zip(values, after[:n_delta])) > 2 * lr * clip
 
 
 def test_a_non_finite_last_update_is_refused_at_the_commit():

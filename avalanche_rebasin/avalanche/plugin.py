@@ -155,13 +155,15 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignor
             strategy.loss = strategy.loss + penalty_value(self.network)
 
     def after_backward(self, strategy: Any, **kwargs: Any) -> None:
-        # this plugin runs first, so gradient projections (GEM, A-GEM) see the penalty's gradient
-        if self.network is not None:
+        # this plugin runs first, so gradient projections (GEM, A-GEM) see a clipped penalty's gradient
+        if self.network is not None and not self.config.penalty_after_clip:
             add_penalty_gradient(self.network)
 
     def before_update(self, strategy: Any, **kwargs: Any) -> None:
         if self.network is not None:
             clip_delta_gradients(self.network)
+            if self.config.penalty_after_clip:  # the authors' SGD weight decay, after their clip
+                add_penalty_gradient(self.network)
 
     def after_update(self, strategy: Any, **kwargs: Any) -> None:
         if self.network is None:

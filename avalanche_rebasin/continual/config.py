@@ -31,21 +31,24 @@ from .interpolation import ALIGNMENTS
 __all__ = ["ALIGN_DATA", "PRESETS", "InterpolationConfig", "RebasinConfig"]
 
 #: Named settings (keyword arguments of :class:`RebasinConfig`).
-#: ``paper``: the authors' Rotated-MNIST protocol, 5 epochs per re-basin experience, and
-#: their forward: 20 Sinkhorn iterations from ``β = 0`` at every step (no warm start).
+#: ``paper``: the authors' Rotated-MNIST code (``rebasinIL.py``), 5 epochs per re-basin
+#: experience, and their forward: 20 Sinkhorn iterations from ``β = 0`` at every step (no
+#: warm start); like the defaults, the logits on AdamW (weight decay 0.01) and δ's weight
+#: decay applied after its gradient is clipped.
 #: ``midpoint``: the paper's training (soft plan, midpoint) with δ on Adam (lr 1e-3, no
-#: clip), a budget that does not starve on small data sets.
+#: clip), a budget that does not starve on small data sets; logits without weight decay.
 #: ``consistent``: the same δ budget, and trains what is committed: weight α = 0.2 on
 #: ``π(θ)`` in training too, the hard permutation in the forward (straight-through).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"rebasin_epochs": 5, "sinkhorn": Sinkhorn(), "warm_start": False},
-    "midpoint": {"delta_optimizer": "adam", "delta_lr": 1e-3, "delta_clip": None},
+    "midpoint": {"delta_optimizer": "adam", "delta_lr": 1e-3, "delta_clip": None, "perm_weight_decay": 0.0},
     "consistent": {
         "train_alpha": 0.2,
         "straight_through": True,
         "delta_optimizer": "adam",
         "delta_lr": 1e-3,
         "delta_clip": None,
+        "perm_weight_decay": 0.0,
     },
 }
 
@@ -56,7 +59,8 @@ SINKHORN_THRESHOLD = 1e-4
 
 @dataclass(frozen=True)
 class RebasinConfig:
-    """Every setting of the method; the defaults are the authors' protocol.
+    """Every setting of the method; the defaults are the authors' code (``rebasinIL.py``),
+    but for the warm-started Sinkhorn forward (the ``paper`` preset restores theirs).
 
     Args:
         alpha: share of the permuted weights in the commit, in [0, 1].
@@ -75,13 +79,18 @@ class RebasinConfig:
         warm_start: start each step's Sinkhorn forward from the last step's potentials and
             its backward's conjugate gradients from the last solution (with
             ``sinkhorn.threshold``, the forward stops once the plan is balanced).
-        perm_lr: Adam's learning rate of the logits.
+        perm_lr: AdamW's learning rate of the logits.
+        perm_weight_decay: AdamW's decoupled weight decay of the logits,
+            ``X ← (1 − perm_lr·perm_weight_decay) X`` per step (the authors train them with the
+            model's AdamW, whose default is 0.01).
         perm_init_noise: standard deviation of their initial noise.
         perm_init: ``"identity"`` (``X = I + noise``) or ``"similarity"`` (``X`` = cosine
             similarity of θ's units + noise).
         delta_optimizer: δ's optimiser, ``"sgd"`` or ``"adam"``.
         delta_lr: its learning rate (0 freezes δ).
         delta_clip: the clip of δ's gradient (None: none).
+        penalty_after_clip: add the penalty's gradient ``2βδ`` after δ's gradient is clipped,
+            as the authors' SGD weight decay does (True); False clips the sum.
         delta_init_std: the standard deviation of δ's initial values.
         rebasin_epochs: epochs of a re-basin experience (None: the strategy's ``train_epochs``).
         rebasin_steps: at least this many optimiser steps per re-basin experience,
@@ -104,11 +113,13 @@ class RebasinConfig:
     association: Literal["auto", "weight", "activation"] = "auto"
     warm_start: bool = True
     perm_lr: float = 0.1
+    perm_weight_decay: float = 0.01
     perm_init_noise: float = 0.1
     perm_init: Literal["identity", "similarity"] = "identity"
     delta_optimizer: Literal["sgd", "adam"] = "sgd"
     delta_lr: float = 0.05
     delta_clip: float | None = 1e-3
+    penalty_after_clip: bool = True
     delta_init_std: float = 1e-4
     rebasin_epochs: int | None = None
     rebasin_steps: int | None = None
@@ -171,6 +182,7 @@ _REALS = {
     "beta": ("a number >= 0", lambda v: v >= 0),
     "tau_final": ("None or a number > 0", lambda v: v > 0),
     "perm_lr": ("a number > 0", lambda v: v > 0),
+    "perm_weight_decay": ("a number >= 0", lambda v: v >= 0),
     "perm_init_noise": ("a number >= 0", lambda v: v >= 0),
     "delta_lr": ("a number >= 0", lambda v: v >= 0),
     "delta_clip": ("None or a number > 0", lambda v: v > 0),
@@ -182,7 +194,7 @@ _INTEGERS = {
     "seed": ("an integer >= 0", lambda v: v >= 0),
     "diagnostic_samples": ("an integer >= 0", lambda v: v >= 0),
 }
-_BOOLEANS = ("straight_through", "warm_start", "permute", "bn_reestimate")
+_BOOLEANS = ("straight_through", "warm_start", "penalty_after_clip", "permute", "bn_reestimate")
 _CHOICES = {
     "perm_init": ("identity", "similarity"),
     "delta_optimizer": ("sgd", "adam"),

@@ -268,14 +268,16 @@ def add_penalty_gradient(network: RebasinNetwork) -> None:
 
 
 def clip_delta_gradients(network: RebasinNetwork) -> None:
-    """Clip δ's gradients to ``±delta_clip`` (the published protocol's ±1e-3)."""
+    """Clip δ's gradients to ``±delta_clip`` (the published protocol's ±1e-3); with
+    ``penalty_after_clip`` the penalty's gradient is added after the clip (see
+    :func:`add_penalty_gradient`), otherwise before it."""
     if network.config.delta_clip is not None:
         torch.nn.utils.clip_grad_value_(list(network.delta.values()), network.config.delta_clip)
 
 
 def make_optimizer(network: RebasinNetwork) -> GroupedOptimizer:
-    """Adam on the logits (``perm_lr``) and SGD or Adam on δ (``delta_lr``); Adam runs fused
-    (one pass over each tensor) where torch has the kernel."""
+    """AdamW on the logits (``perm_lr``, ``perm_weight_decay``) and SGD or Adam on δ
+    (``delta_lr``); Adam runs fused (one pass over each tensor) where torch has the kernel."""
     c = network.config
     # a frozen placeholder keeps the optimiser valid when the user froze every parameter
     deltas = list(network.delta.values()) or [nn.Parameter(torch.zeros(()), requires_grad=False)]
@@ -284,13 +286,16 @@ def make_optimizer(network: RebasinNetwork) -> GroupedOptimizer:
     )
     parts: list[torch.optim.Optimizer] = [delta_part]
     if network.permutation is not None:
-        parts.insert(0, _adam(list(network.permutation.parameters()), c.perm_lr))
+        parts.insert(0, _adam(list(network.permutation.parameters()), c.perm_lr, c.perm_weight_decay))
     return GroupedOptimizer(parts)
 
 
-def _adam(parameters: list[nn.Parameter], lr: float) -> torch.optim.Adam:
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
-    return torch.optim.Adam(parameters, lr=lr, fused=fused or None)
+def _adam(parameters: list[nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam, or AdamW with a decoupled ``weight_decay`` (without one they are the same update)."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters) or None
+    if weight_decay:
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused)
+    return torch.optim.Adam(parameters, lr=lr, fused=fused)
 
 
 def first_non_finite(network: RebasinNetwork) -> str | None:
