@@ -141,7 +141,26 @@ def _rebasin(name: str) -> Callable[[Context, dict[str, Any]], SupervisedTemplat
 
 
 INTERPOLATION_SETTINGS = ("alpha", "alignment", "align_data", "align_samples", "align_steps", "bn_reestimate")
-INTERPOLATION_SETTINGS += ("restart", "head_alpha", "mem_size")
+INTERPOLATION_SETTINGS += ("holdout_samples", "restart", "head_alpha", "mem_size")
+HELD_OUT_SHARE = 10  # alpha "auto": a tenth of the memory budget holds the held-out samples
+
+
+def _split_memory(ctx: Context, kw: dict[str, Any], mem_size: int) -> tuple[dict[str, Any], int]:
+    """The settings and the replay memory, so that replay and held-out samples together fill
+    ``mem_size``: with ``alpha`` "auto" (the default) every experience keeps
+    ``holdout_samples`` (default: a tenth of its share, at least one) and replay the rest."""
+    if kw.get("alpha", "auto") != "auto":
+        return kw, mem_size
+    n = ctx.args.experiences
+    held = kw.setdefault("holdout_samples", max(1, mem_size // (HELD_OUT_SHARE * n)))
+    replay = mem_size - held * n
+    if replay < n:
+        raise ValueError(
+            f"alpha 'auto' keeps holdout_samples={held} per experience out of a memory of {mem_size}, "
+            f"leaving {replay} for replay (fewer than one per experience); raise mem_size or lower "
+            "holdout_samples"
+        )
+    return kw, replay
 
 
 def _with_head_alpha(model: nn.Module, kw: dict[str, Any]) -> dict[str, Any]:
@@ -155,7 +174,8 @@ def _with_head_alpha(model: nn.Module, kw: dict[str, Any]) -> dict[str, Any]:
 def _interpolation(ctx: Context, kw: dict[str, Any]) -> SupervisedTemplate:
     """Replay, then align the trained network to the previous weights and interpolate;
     ``head_alpha`` is the output layer's own α (the model's last ``nn.Linear``)."""
-    replay = ctx.replay(kw.pop("mem_size", None))
+    kw, replay_size = _split_memory(ctx, dict(kw), ctx.mem_size(kw.pop("mem_size", None)))
+    replay = ctx.replay(replay_size)
     kw = _with_head_alpha(ctx.model, kw)
     return InterpolationStrategy(
         model=ctx.model, optimizer=ctx.optimizer, plugins=[replay], seed=ctx.seed, **kw, **ctx.common
@@ -236,6 +256,7 @@ def _composed(method: str, template: str) -> Callable[[Context, dict[str, Any]],
     def build(ctx: Context, kw: dict[str, Any]) -> SupervisedTemplate:
         own = {key.removeprefix("der_"): kw.pop(key) for key in own_settings if key in kw}
         if method == "interp":
+            kw, own["mem_size"] = _split_memory(ctx, kw, ctx.mem_size(own.pop("mem_size", None)))
             plugin: Any = WeightInterpolationPlugin(seed=ctx.seed, **_with_head_alpha(ctx.model, kw))
         else:
             kw = {"rebasin_epochs": ctx.args.epochs, "diagnostic_samples": 1000, **kw}

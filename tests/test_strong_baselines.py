@@ -217,6 +217,16 @@ def test_strong_baselines_are_listed_in_the_help():
     assert "der, er-ace, er-aml, gdumb, gem and icarl" in options["--mem-size"].help
 
 
+def test_auto_alpha_holds_a_tenth_of_the_memory_out_of_replay_and_refuses_a_memory_it_would_empty():
+    replay = _plugin(_build("interp"), "ReplayPlugin")
+    interpolation = _plugin(_build("interp"), "WeightInterpolationPlugin")
+    assert (interpolation.config.alpha, interpolation.config.holdout_samples) == ("auto", 2)
+    assert replay.storage_policy.max_size == 50 - 2 * EXPERIENCES
+    assert _plugin(_build("interp+alpha=0.5"), "ReplayPlugin").storage_policy.max_size == 50
+    with pytest.raises(ValueError, match="holdout_samples=30 per experience out of a memory of 50"):
+        _build("interp+holdout_samples=30")
+
+
 def test_our_plugins_on_der_and_er_ace_take_both_sets_of_settings_and_the_shared_memory():
     from avalanche_rebasin.avalanche.interpolation_plugin import WeightInterpolationPlugin
     from avalanche_rebasin.avalanche.plugin import RebasinPlugin
@@ -225,7 +235,10 @@ def test_our_plugins_on_der_and_er_ace_take_both_sets_of_settings_and_the_shared
     assert type(composed) is DER and (composed.alpha, composed.beta, composed.batch_size_mem) == (0.2, 0, 5)
     interpolation = next(p for p in composed.plugins if isinstance(p, WeightInterpolationPlugin))
     assert (interpolation.config.alpha, interpolation.config.alignment) == (0.3, "none")
-    assert _memory(composed) == 50 and _memory(_build("interp-er-ace+mem_size=40")) == 40
+    assert _memory(composed) == 50  # a fixed α holds nothing out
+    auto = _build("interp-er-ace+mem_size=40")  # α "auto": a tenth of the memory is held out
+    held = next(p for p in auto.plugins if isinstance(p, WeightInterpolationPlugin)).config.holdout_samples
+    assert (held, _memory(auto) + held * EXPERIENCES) == (2, 40)
     rebasin = _build("rebasin-er-ace:midpoint+alpha=0.4", _args("--mem-size", "60", "--epochs", "3"))
     plugin = next(p for p in rebasin.plugins if isinstance(p, RebasinPlugin))
     assert type(rebasin) is ER_ACE and _memory(rebasin) == 60

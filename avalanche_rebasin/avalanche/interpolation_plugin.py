@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..alignment.lmc import reestimate_batchnorm
+from ..continual.alpha_search import AlphaSearch, choose_alpha
 from ..continual.config import InterpolationConfig
 from ..continual.interpolation import (
     NEEDS_DATA,
@@ -44,6 +45,7 @@ from ..core.validation import check_finite
 from ..discovery import discover_spec
 from .checkpointing import optimizer_as_data, optimizer_from_data
 from .compatibility import check_interpolation_plugins, order_plugins
+from .holdout import HeldOutMemory
 from .inputs import example_input_of
 from .keywords import declare_setting_keywords
 from .transaction import ExperienceSnapshot, guard_experiences, release_experiences
@@ -89,8 +91,9 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         self.spec = spec
         self.reports: list[InterpolationReport] = []
         self._previous: dict[str, torch.Tensor] | None = None
-        self._alphas: float | dict[str, float] = self.config.alpha
+        self._alphas: float | dict[str, float] = _fixed_alpha(self.config)
         self._experiences = 0
+        self.held_out = HeldOutMemory()  # alpha="auto": samples of every experience, never trained on
         self._snapshot: tuple[ExperienceSnapshot, int, int] | None = None  # start, experiences, reports
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -98,6 +101,7 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         if "config" not in state:
             names = InterpolationConfig.setting_names()
             state["config"] = InterpolationConfig(**{k: state.pop(k) for k in names if k in state})
+        state.setdefault("held_out", HeldOutMemory())
         self.__dict__.update(state)
 
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
@@ -106,14 +110,23 @@ class WeightInterpolationPlugin(SupervisedPlugin):
     def after_training(self, strategy: Any, **kwargs: Any) -> None:
         release_experiences(strategy)
 
+    def before_train_dataset_adaptation(self, strategy: Any, **kwargs: Any) -> None:
+        _check_composition(self, strategy)  # the first hook of an experience: before any work
+
+    def after_train_dataset_adaptation(self, strategy: Any, **kwargs: Any) -> None:
+        if self.config.alpha == "auto":  # before the data loaders are built from adapted_dataset
+            self.held_out.truncate(self._experiences)  # an experience trained again after a rollback
+            c = self.config
+            self.held_out.withhold(strategy, c.holdout_samples, c.holdout_fraction, c.seed)
+
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        _check_composition(self, strategy)
         model = strategy.model
         check_finite(model_state(model), "the model", {n for n, _ in model.named_buffers()})
         with torch.random.fork_rng(devices=[]):  # reading a sample may draw (RandomRotation): not from yours
             _discover_spec(self, strategy, model)  # refuses an unsupported model before training
         c = self.config
-        self._alphas = tensor_alphas(model_state(model), c.alpha, c.layer_alpha, tensor_aliases(model))
+        alpha = _fixed_alpha(c)
+        self._alphas = tensor_alphas(model_state(model), alpha, c.layer_alpha, tensor_aliases(model))
         start = ExperienceSnapshot.take(model)
         self._snapshot = (start, self._experiences, len(self.reports))
         self._previous = start.state if self._experiences else None  # read only: shared with the snapshot
@@ -121,6 +134,14 @@ class WeightInterpolationPlugin(SupervisedPlugin):
             _restart(self, model, self._previous)
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        try:
+            self._commit(strategy)
+        finally:  # the memories have stored the training part by now; an error rolls back anyway
+            self.held_out.release(strategy)
+        if self.config.alpha == "auto":
+            self.held_out.keep(self.config.holdout_samples)
+
+    def _commit(self, strategy: Any) -> None:
         self._experiences += 1
         if self._previous is None:
             return
@@ -131,30 +152,39 @@ class WeightInterpolationPlugin(SupervisedPlugin):
         new = _without_dropout(private_copy(model))
         perms, seconds = _permutations(self, strategy, previous, new, spec, data)
         frozen, identity, c = _frozen(model), identity_permutation(spec), self.config
-        committed = load_state_(  # built on a copy: the user's module changes only once it is complete
-            new, interpolate_aligned(previous, model_state(model), spec, perms, self._alphas, frozen)
-        )
-        if self.config.bn_reestimate and data and not _at_an_end(self._alphas):
-            reestimate_batchnorm(committed, [x for x, _ in data])
-            load_state_(committed, {k: v for k, v in previous.items() if k in frozen})
-        load_state_(model, model_state(committed))
+        trained = model_state(model)
+
+        def build(alphas: float | dict[str, float]) -> nn.Module:  # on a copy: the user's module is untouched
+            committed = load_state_(new, interpolate_aligned(previous, trained, spec, perms, alphas, frozen))
+            if c.bn_reestimate and data and not _at_an_end(alphas):
+                reestimate_batchnorm(committed, [x for x, _ in data])
+                load_state_(committed, {k: v for k, v in previous.items() if k in frozen})
+            return committed
+
+        search = _search_alpha(self, strategy, model, build) if c.alpha == "auto" else None
+        if search is not None:
+            self._alphas = tensor_alphas(trained, search.alpha, c.layer_alpha, tensor_aliases(model))
+        committed = build(self._alphas)
+        load_state_(model, model_state(committed))  # the user's module changes only once it is complete
         _evaluate_the_commit(strategy)
         moved = sum(int((p.cpu() != identity[g]).sum()) for g, p in perms.items())
         self.reports.append(
             InterpolationReport(
-                self._experiences - 1, c.alignment, c.alpha, moved, sum(spec.group_sizes.values()),
-                seconds, sum(len(y) for _, y in data),
+                self._experiences - 1, c.alignment, _fixed_alpha(c) if search is None else search.alpha,
+                moved, sum(spec.group_sizes.values()), seconds, sum(len(y) for _, y in data), search,
             )
         )  # fmt: skip
 
     def rollback(self, strategy: Any) -> None:
         """After an error inside the experience: the user's module and optimiser, the counter
         and the reports as the experience found them."""
+        self.held_out.release(strategy)
         snapshot, self._snapshot, self._previous = self._snapshot, None, None
         if snapshot is not None:
             start, self._experiences, reports = snapshot
             start.restore()
             del self.reports[reports:]
+        self.held_out.truncate(self._experiences)
 
     def commit(self) -> None:
         self._snapshot = None
@@ -162,6 +192,24 @@ class WeightInterpolationPlugin(SupervisedPlugin):
     def _needs_data(self, model: nn.Module) -> bool:
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         return self.config.alignment in NEEDS_DATA or (self.config.bn_reestimate and has_bn)
+
+
+def _fixed_alpha(config: InterpolationConfig) -> float:
+    """α, or ½ where it is chosen at the commit (``"auto"``): the point the data-driven
+    alignments evaluate and what the model is interpolated at before the choice."""
+    return 0.5 if config.alpha == "auto" else float(config.alpha)
+
+
+def _search_alpha(
+    plugin: WeightInterpolationPlugin, strategy: Any, model: nn.Module, build: Any
+) -> AlphaSearch:
+    """``alpha="auto"``: the grid's best α on the held-out samples of every experience so far."""
+    c = plugin.config
+    aliases, state = tensor_aliases(model), model_state(model)
+    groups = plugin.held_out.batches(strategy.device, strategy.eval_mb_size or strategy.train_mb_size)
+    return choose_alpha(
+        c.alpha_grid, lambda alpha: build(tensor_alphas(state, alpha, c.layer_alpha, aliases)), groups
+    )
 
 
 def _permutations(

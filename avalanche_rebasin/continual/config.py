@@ -20,12 +20,13 @@ import dataclasses
 import math
 import numbers
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
 from ..core.sinkhorn import Sinkhorn
+from .alpha_search import ALPHA_GRID
 from .interpolation import ALIGNMENTS
 
 __all__ = ["ALIGN_DATA", "PRESETS", "InterpolationConfig", "RebasinConfig"]
@@ -239,7 +240,17 @@ class InterpolationConfig:
     ``θ = (1 − α)·θ_old + α·π(θ_new)`` after each experience.
 
     Args:
-        alpha: weight of the trained network, in [0, 1] (1: keep what was trained).
+        alpha: weight of the trained network, in [0, 1] (1: keep what was trained), or
+            ``"auto"`` (the default): at each commit, the candidate of ``alpha_grid`` with
+            the best experience-balanced accuracy on held-out samples (see
+            :mod:`~avalanche_rebasin.continual.alpha_search`).
+        alpha_grid: the candidates of ``"auto"``, each in [0, 1].
+        holdout_samples: with ``"auto"``, this many samples of every experience (a seeded
+            uniform choice) are withheld from its training and kept to choose α at every
+            later commit; count them in the memory budget.
+        holdout_fraction: with ``"auto"``, the share of the current experience withheld from
+            its training to measure it at its own commit (at least ``holdout_samples``;
+            only ``holdout_samples`` of them are kept afterwards).
         layer_alpha: module path → its own α (e.g. ``{"classifier": 1.0}``: the head from the
             trained network, the rest interpolated); the longest matching path wins.
         alignment: one of :data:`~avalanche_rebasin.continual.interpolation.ALIGNMENTS`.
@@ -257,7 +268,10 @@ class InterpolationConfig:
         seed: seeds the sample subsets, the Sinkhorn alignments and the restarts.
     """
 
-    alpha: float = 0.5
+    alpha: float | Literal["auto"] = "auto"
+    alpha_grid: tuple[float, ...] = ALPHA_GRID
+    holdout_samples: int = 20
+    holdout_fraction: float = 0.05
     layer_alpha: Mapping[str, float] | None = None
     alignment: str = "weight_matching"
     align_data: str = "buffer"
@@ -268,7 +282,15 @@ class InterpolationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_fraction("alpha", self.alpha)
+        if not (isinstance(self.alpha, str) and self.alpha == "auto"):
+            _check_fraction("alpha", self.alpha, ' or "auto"')
+        grid = self.alpha_grid
+        if isinstance(grid, str | bytes) or not isinstance(grid, Sequence) or not grid:
+            raise ValueError(
+                f"Interpolation: alpha_grid is a non-empty sequence of numbers in [0, 1], got {grid!r}."
+            )
+        for value in grid:
+            _check_fraction("alpha_grid's values", value)
         if self.layer_alpha is not None and not isinstance(self.layer_alpha, Mapping):
             raise ValueError(
                 "Interpolation: layer_alpha is a mapping of module path to α, e.g. "
@@ -279,18 +301,22 @@ class InterpolationConfig:
         for path, value in (self.layer_alpha or {}).items():
             _check_fraction(f"layer_alpha[{path!r}]", value)
         _check_fraction("restart", self.restart)
+        _check_fraction("holdout_fraction", self.holdout_fraction)
         for name, choices in (("alignment", ALIGNMENTS), ("align_data", ALIGN_DATA)):
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"Interpolation: {name} must be one of {list(choices)}, got {value!r}.")
-        for name, low in (("align_samples", 1), ("align_steps", 1), ("seed", 0)):
+        for name, low in (("align_samples", 1), ("align_steps", 1), ("holdout_samples", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Interpolation: {name} must be an integer >= {low}, got {value!r}.")
         if not isinstance(self.bn_reestimate, bool):
             raise ValueError(f"Interpolation: bn_reestimate must be True or False, got {self.bn_reestimate}.")
-        object.__setattr__(self, "alpha", float(self.alpha))
+        if self.alpha != "auto":
+            object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "alpha_grid", tuple(sorted(float(a) for a in grid)))
         object.__setattr__(self, "restart", float(self.restart))
+        object.__setattr__(self, "holdout_fraction", float(self.holdout_fraction))
         if self.layer_alpha is not None:
             object.__setattr__(self, "layer_alpha", MappingProxyType(dict(self.layer_alpha)))
 
@@ -299,6 +325,6 @@ class InterpolationConfig:
         return tuple(f.name for f in dataclasses.fields(InterpolationConfig))
 
 
-def _check_fraction(name: str, value: Any) -> None:
+def _check_fraction(name: str, value: Any, alternative: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"Interpolation: {name} must be a number in [0, 1], got {value!r}.")
+        raise ValueError(f"Interpolation: {name} must be a number in [0, 1]{alternative}, got {value!r}.")

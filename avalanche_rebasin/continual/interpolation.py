@@ -26,6 +26,7 @@ from ..alignment.matching import activation_matching, weight_matching
 from ..core.permute import identity_permutation, permute_state
 from ..core.spec import PermutationSpec
 from ..core.state import functional_loss, interpolate_state, private_copy
+from .alpha_search import AlphaSearch
 
 __all__ = [
     "ALIGNMENTS",
@@ -44,7 +45,8 @@ NEEDS_DATA = ("activation_matching", "sinkhorn_mid", "sinkhorn_rnd")
 
 @dataclass
 class InterpolationReport:
-    """What one commit did: the alignment, how many units it moved and what it cost."""
+    """What one commit did: the alignment, how many units it moved and what it cost, and
+    with ``alpha="auto"`` the search that chose ``alpha`` (every candidate's held-out accuracy)."""
 
     experience: int
     alignment: str
@@ -53,6 +55,7 @@ class InterpolationReport:
     units_total: int
     align_seconds: float
     align_samples: int
+    alpha_search: AlphaSearch | None = None
 
 
 def alignment_permutations(
