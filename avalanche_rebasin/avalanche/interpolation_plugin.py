@@ -5,7 +5,9 @@ is given, or the template's own memory: Avalanche's ``DER`` and ``ER_ACE``).
 At its end the plugin aligns the trained network to the weights the experience started
 from and commits ``θ = (1 − α)·θ_old + α·π(θ_new)`` into the user's module, then
 re-estimates BatchNorm statistics on the alignment data (see
-:mod:`avalanche_rebasin.continual.interpolation`). Every experience is a transaction
+:mod:`avalanche_rebasin.continual.interpolation`); with ``alpha="auto"`` α is chosen there
+on samples withheld from training (:mod:`.holdout`,
+:mod:`avalanche_rebasin.continual.alpha_search`). Every experience is a transaction
 (:mod:`avalanche_rebasin.avalanche.transaction`): on any exception or Ctrl-C inside it, the
 user's module and optimiser return to the experience's start, so does the plugin's state,
 and the error propagates.
@@ -195,8 +197,8 @@ class WeightInterpolationPlugin(SupervisedPlugin):
 
 
 def _fixed_alpha(config: InterpolationConfig) -> float:
-    """α, or ½ where it is chosen at the commit (``"auto"``): the point the data-driven
-    alignments evaluate and what the model is interpolated at before the choice."""
+    """α, or ½ where it is chosen at the commit (``"auto"``): the commit point the data-driven
+    alignments (``sinkhorn_mid``) evaluate, since they run before α is chosen."""
     return 0.5 if config.alpha == "auto" else float(config.alpha)
 
 
