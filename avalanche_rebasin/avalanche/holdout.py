@@ -4,8 +4,8 @@ At every experience, before its data loader is built, a seeded uniform choice of
 ``max(holdout_samples, ⌈holdout_fraction·n⌉)`` of its ``n`` samples is taken out of
 ``strategy.adapted_dataset``, with eval transforms: all of them measure the experience at
 its own commit, and ``holdout_samples`` of them stay for every later one. Until the commit,
-``strategy.experience`` is a copy of the experience that holds
-only the training part, so the memories Avalanche fills from ``experience.dataset`` at the
+``strategy.experience`` is a copy of the experience that holds only the training part, so the
+memories Avalanche fills from ``experience.dataset`` at the
 experience's end (``ReplayPlugin``, DER) never store a held-out sample: no network trains on
 one, then or later. ER-ACE fills its memory at the experience's start, before the split, so
 there a held-out sample of the current experience can be replayed (with the memory's share
@@ -55,10 +55,7 @@ class HeldOutMemory:
             )
         generator = torch.Generator().manual_seed(2_000_003 * seed + len(self.groups))
         order = torch.randperm(len(dataset), generator=generator)
-        held, kept = (
-            order[:withheld].tolist(),
-            order[withheld:].sort().values.tolist(),
-        )
+        held, kept = order[:withheld].tolist(), order[withheld:].sort().values.tolist()
         with torch.random.fork_rng(devices=[]):  # reading a sample may draw (RandomRotation): not from yours
             xs, ys = [], []
             for batch in DataLoader(dataset.subset(held).eval(), batch_size=256, shuffle=False):

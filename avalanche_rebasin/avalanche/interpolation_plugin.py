@@ -16,7 +16,7 @@ and the error propagates.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -163,9 +163,15 @@ class WeightInterpolationPlugin(SupervisedPlugin):
                 load_state_(committed, {k: v for k, v in previous.items() if k in frozen})
             return committed
 
-        search = _search_alpha(self, strategy, model, build) if c.alpha == "auto" else None
-        if search is not None:
-            self._alphas = tensor_alphas(trained, search.alpha, c.layer_alpha, tensor_aliases(model))
+        search = None
+        if c.alpha == "auto":
+            aliases = tensor_aliases(model)
+
+            def alphas_at(alpha: float) -> float | dict[str, float]:
+                return tensor_alphas(trained, alpha, c.layer_alpha, aliases)
+
+            search = _search_alpha(self, strategy, lambda alpha: build(alphas_at(alpha)))
+            self._alphas = alphas_at(search.alpha)
         committed = build(self._alphas)
         load_state_(model, model_state(committed))  # the user's module changes only once it is complete
         _evaluate_the_commit(strategy)
@@ -203,15 +209,12 @@ def _fixed_alpha(config: InterpolationConfig) -> float:
 
 
 def _search_alpha(
-    plugin: WeightInterpolationPlugin, strategy: Any, model: nn.Module, build: Any
+    plugin: WeightInterpolationPlugin, strategy: Any, build: Callable[[float], nn.Module]
 ) -> AlphaSearch:
-    """``alpha="auto"``: the grid's best α on the held-out samples of every experience so far."""
-    c = plugin.config
-    aliases, state = tensor_aliases(model), model_state(model)
+    """``alpha="auto"``: the grid's best α (``build(α)``: its commit) on the held-out samples
+    of every experience so far."""
     groups = plugin.held_out.batches(strategy.device, strategy.eval_mb_size or strategy.train_mb_size)
-    return choose_alpha(
-        c.alpha_grid, lambda alpha: build(tensor_alphas(state, alpha, c.layer_alpha, aliases)), groups
-    )
+    return choose_alpha(plugin.config.alpha_grid, build, groups)
 
 
 def _permutations(

@@ -155,7 +155,8 @@ class RebasinPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignor
             strategy.loss = strategy.loss + penalty_value(self.network)
 
     def after_backward(self, strategy: Any, **kwargs: Any) -> None:
-        # this plugin runs first, so gradient projections (GEM, A-GEM) see a clipped penalty's gradient
+        # this plugin runs first, so gradient projections (GEM, A-GEM) see the penalty's gradient
+        # when it is clipped with the loss's; added after the clip, it acts as weight decay does
         if self.network is not None and not self.config.penalty_after_clip:
             add_penalty_gradient(self.network)
 
