@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -215,11 +216,18 @@ def _features_and_classifier(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 def _class_balanced(
     strategy: type[DER | ER_ACE | ER_AML],
 ) -> Callable[[Context, dict[str, Any]], SupervisedTemplate]:
-    """DER, ER-ACE or ER-AML on Avalanche's class-balanced memory of :meth:`Context.mem_size` images;
-    refused where the memory can never fill one replay batch (Avalanche would then never replay)."""
+    """DER, ER-ACE or ER-AML on Avalanche's class-balanced memory of :meth:`Context.mem_size` images.
+
+    Unless the token sets ``batch_size_mem``, Avalanche's default (the training batch for DER, 10 for
+    ER-ACE and ER-AML) is capped at the memory, so a small memory replays all of itself per step; an
+    explicit ``batch_size_mem`` larger than the memory is refused (Avalanche would never replay)."""
+    avalanche_default = inspect.signature(strategy).parameters["batch_size_mem"].default
 
     def build(ctx: Context, kw: dict[str, Any]) -> SupervisedTemplate:
         kw["mem_size"] = ctx.mem_size(kw.get("mem_size"))
+        if "batch_size_mem" not in kw:
+            default = ctx.args.batch_size if avalanche_default is None else avalanche_default
+            kw["batch_size_mem"] = min(default, kw["mem_size"])
         if strategy is ER_AML:
             kw["feature_extractor"] = _features_and_classifier(ctx.model)[0]
         built = strategy(model=ctx.model, optimizer=ctx.optimizer, **kw, **ctx.common)

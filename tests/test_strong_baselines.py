@@ -79,6 +79,9 @@ def test_overrides_reach_the_constructors():
     der = _build("der+alpha=0.3+beta=0+batch_size_mem=5")
     assert (der.alpha, der.beta, der.batch_size_mem) == (0.3, 0, 5)
     assert (_build("der").batch_size_mem, _build("er-ace").batch_size_mem) == (4, 10)  # Avalanche's
+    # Avalanche's default, capped at the memory: DER replays a training batch, ER-ACE 10 samples
+    assert _build("der", _args("--batch-size", "60")).batch_size_mem == 50
+    assert _build("er-ace+mem_size=9").batch_size_mem == 9
     assert _build("er-ace+batch_size_mem=7").batch_size_mem == 7
     aml = _build("er-aml+temp=0.5+base_temp=0.1+batch_size_mem=3").aml_criterion
     assert (aml.temp, aml.base_temp) == (0.5, 0.1)
@@ -114,8 +117,7 @@ def test_bad_overrides_are_refused_with_the_rule(token, message):
     ("token", "argv", "message"),
     [
         ("der+batch_size_mem=51", (), "mem_size 50 never fills one replay batch of batch_size_mem 51"),
-        ("der", ("--batch-size", "60"), "set +batch_size_mem=50 or less, or a larger mem_size"),
-        ("er-ace+mem_size=9", (), "mem_size 9 never fills one replay batch of batch_size_mem 10"),
+        ("er-ace+mem_size=9+batch_size_mem=10", (), "mem_size 9 never fills one replay batch of"),
         ("er-aml", ("--batch-size", "8"), "give +mem_size=80 or more, or a smaller --batch-size"),
         ("er-aml", ("--model", "slimresnet18"), "--model one of ['mlp1', 'mlp2', 'mlp3', 'cnn']"),
         ("gem+mem_size=1", (), "mem_size 1 leaves no pattern for each of 2 experiences"),
